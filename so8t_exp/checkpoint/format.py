@@ -1,0 +1,169 @@
+"""The on-disk checkpoint format: write atomically, verify, read without unpickling.
+
+A checkpoint is a folder ``<kind>-step<NNNNNNNN>`` holding safetensors files (tensors) and
+JSON files (everything else), and ``manifest.json`` with the sha256 and size of every file.
+It is written as ``.tmp-<name>-<pid>``, each file fsynced, the manifest written last, then
+renamed into place: a folder with a valid manifest is complete by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from so8t_exp.fsutil import atomic_write_json, fsync_dir
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("rolling", "emergency", "final")
+_NAME = re.compile(r"^(rolling|emergency|final)-step(\d{8,})$")
+
+
+@dataclass
+class Payload:
+    """What one checkpoint holds: tensor groups (one safetensors file each) and JSON docs."""
+
+    tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    docs: dict[str, Any] = field(default_factory=dict)
+
+
+def checkpoint_name(kind: str, step: int) -> str:
+    assert kind in KINDS, kind
+    return f"{kind}-step{step:08d}"
+
+
+def parse_name(name: str) -> tuple[str, int] | None:
+    """``("rolling", 120)`` for ``rolling-step00000120``; None for anything else."""
+    m = _NAME.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def write(root: Path, name: str, payload: Payload, pause_after_first_file: float = 0.0) -> Path:
+    """Write ``payload`` as ``root/name`` atomically; returns the final folder.
+
+    ``pause_after_first_file`` exists for fault injection (a kill in mid-write).
+    """
+    final = root / name
+    tmp = root / f".tmp-{name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = {}
+    for group, tensors in payload.tensors.items():
+        path = tmp / f"{group}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+        files[path.name] = path
+        if pause_after_first_file:
+            time.sleep(pause_after_first_file)
+            pause_after_first_file = 0.0
+    for doc, obj in payload.docs.items():
+        path = tmp / f"{doc}.json"
+        path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
+        files[path.name] = path
+    for path in files.values():
+        _fsync_file(path)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "files": {n: {"sha256": _sha256(p), "bytes": p.stat().st_size} for n, p in files.items()},
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
+    fsync_dir(tmp)
+    if final.exists():  # same kind and step written before a crash: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    fsync_dir(root)
+    return final
+
+
+def verify(folder: Path) -> str | None:
+    """None if ``folder`` is a complete checkpoint, else why not."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        files = manifest["files"]
+        if manifest.get("format_version") != FORMAT_VERSION or not isinstance(files, dict):
+            return f"unknown format {manifest.get('format_version')!r}"
+    except (ValueError, KeyError, TypeError) as err:
+        return f"unreadable manifest ({err})"
+    if "state.json" not in files:
+        return "manifest lists no state.json"
+    for fname, meta in files.items():
+        path = folder / fname
+        if not path.is_file():
+            return f"missing {fname}"
+        if path.stat().st_size != meta.get("bytes"):
+            return f"{fname} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
+        if _sha256(path) != meta.get("sha256"):
+            return f"{fname} checksum mismatch"
+    return None
+
+
+def read(folder: Path) -> Payload:
+    """Load a verified checkpoint: safetensors and JSON only, nothing unpickled."""
+    manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    payload = Payload()
+    for fname in manifest["files"]:
+        path = folder / fname
+        if fname.endswith(".safetensors"):
+            payload.tensors[fname.removesuffix(".safetensors")] = load_file(str(path))
+        elif fname.endswith(".json"):
+            payload.docs[fname.removesuffix(".json")] = json.loads(path.read_text("utf-8"))
+    return payload
+
+
+def candidates(root: Path) -> list[tuple[int, int, Path]]:
+    """Checkpoint folders under ``root``, newest first: by step, then final > emergency >
+    rolling (never by modification time)."""
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            parsed = parse_name(child.name)
+            if parsed and child.is_dir():
+                found.append((parsed[1], KINDS.index(parsed[0]), child))
+    return sorted(found, key=lambda t: (t[0], t[1]), reverse=True)
+
+
+def newest_valid(root: Path) -> Path | None:
+    """The newest checkpoint that verifies; each invalid newer one is skipped with a warning."""
+    for _step, _kind, folder in candidates(root):
+        problem = verify(folder)
+        if problem is None:
+            return folder
+        log.warning("skipping checkpoint %s: %s", folder, problem)
+    return None
+
+
+def remove_leftovers(root: Path) -> None:
+    """Delete temporary folders of writes that a crash cut short."""
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".tmp-") and child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)

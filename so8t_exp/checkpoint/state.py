@@ -1,0 +1,140 @@
+"""Training state <-> checkpoint payload: everything an exact continuation needs.
+
+:func:`capture` runs in the training thread and only copies into host memory;
+:func:`restore` puts a loaded payload back into the live objects.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from so8t_exp.checkpoint.format import Payload
+
+
+@dataclass
+class RNGState:
+    """Every RNG the run draws from, captured together."""
+
+    python: Any
+    numpy: Any
+    torch_cpu: torch.Tensor
+    torch_cuda: list[torch.Tensor]
+
+    @classmethod
+    def now(cls) -> RNGState:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        return cls(random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda)
+
+    def apply(self) -> None:
+        random.setstate(self.python)
+        np.random.set_state(self.numpy)
+        torch.set_rng_state(self.torch_cpu)
+        if self.torch_cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(self.torch_cuda)
+
+    def to_payload(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {"torch_cpu": self.torch_cpu.clone()}
+        tensors.update({f"torch_cuda/{i}": s.clone() for i, s in enumerate(self.torch_cuda)})
+        kind, keys, pos, has_gauss, gauss = self.numpy
+        doc = {
+            "python": [self.python[0], list(self.python[1]), self.python[2]],
+            "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        }
+        return tensors, doc
+
+    @classmethod
+    def from_payload(cls, tensors: dict[str, torch.Tensor], doc: dict) -> RNGState:
+        py = doc["python"]
+        kind, keys, pos, has_gauss, gauss = doc["numpy"]
+        n_cuda = sum(k.startswith("torch_cuda/") for k in tensors)
+        return cls(
+            python=(py[0], tuple(py[1]), py[2]),
+            numpy=(kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss),
+            torch_cpu=tensors["torch_cpu"],
+            torch_cuda=[tensors[f"torch_cuda/{i}"] for i in range(n_cuda)],
+        )
+
+
+def _host_copy(t: torch.Tensor) -> torch.Tensor:
+    # A copy the training thread may keep mutating the original of.
+    return t.detach().to("cpu", copy=True)
+
+
+def optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in sd["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}/{key}"] = _host_copy(value)
+            else:
+                scalars[f"{idx}/{key}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, doc: dict) -> None:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *doc["scalars"].items()]:
+        idx, key = flat.split("/", 1)
+        state.setdefault(int(idx), {})[key] = value
+    optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+
+
+def capture(
+    *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler, rng: RNGState, state: dict
+) -> Payload:
+    """Snapshot into host memory (the training thread's only share of a save)."""
+    opt_tensors, opt_doc = optimizer_payload(optimizer)
+    rng_tensors, rng_doc = rng.to_payload()
+    sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    return Payload(
+        tensors={
+            "weights": {name: _host_copy(p) for name, p in params.items()},
+            "optimizer": opt_tensors,
+            "rng": rng_tensors,
+        },
+        docs={
+            "state": state,
+            "optimizer": opt_doc,
+            "rng": rng_doc,
+            "scheduler": sched,
+            "scaler": scaler.state_dict(),
+        },
+    )
+
+
+def restore(
+    payload: Payload,
+    *,
+    params: dict[str, torch.nn.Parameter],
+    required: set[str],
+    optimizer,
+    scheduler,
+    scaler,
+) -> dict:
+    """Load weights, optimizer, schedule, scaler and RNGs; returns the ``state`` doc.
+
+    ``params`` are all the model's parameters; ``required`` (the trainable ones) must be in
+    the checkpoint; frozen ones are loaded too when it has them (``save_full_model``).
+    """
+    weights = payload.tensors["weights"]
+    missing, unexpected = required - set(weights), set(weights) - set(params)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint weights do not match the model: missing "
+            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    load_optimizer(optimizer, payload.tensors["optimizer"], payload.docs["optimizer"])
+    scheduler.load_state_dict({**scheduler.state_dict(), **payload.docs["scheduler"]})
+    if payload.docs["scaler"]:
+        scaler.load_state_dict(payload.docs["scaler"])
+    RNGState.from_payload(payload.tensors["rng"], payload.docs["rng"]).apply()
+    return payload.docs["state"]

@@ -1,0 +1,229 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+``conf/train.yaml`` lists ``train_schema`` first in its defaults, so every group file is
+merged onto these dataclasses: a misspelled key or a value of the wrong type fails while
+Hydra composes, naming the key and the file, before anything heavy is imported.
+Nodes with ``_target_`` (model source, optimizer, notifiers) are the swappable parts;
+:func:`validate` checks their keys against the target's signature.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from so8t_exp import paths  # noqa: F401  (registers the ${so8t_*:} resolvers)
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any model is loaded."""
+
+
+@dataclass
+class AlphaGateConfig:
+    target: float = 0.3819660112501051  # Φ⁻² = 1/φ²
+    start_step: int = 0
+    anneal_steps: int | None = None  # None: half of trainer.max_steps
+    steepness: float = 10.0
+
+
+@dataclass
+class PETConfig:
+    weight: float = 0.01  # weight in the main phase
+    warmup_fraction: float = 0.2
+    anneal_fraction: float = 0.8  # anneal starts here (fraction of max_steps)
+    final_weight: float = 0.03
+
+
+@dataclass
+class SO8TConfig:
+    layers: Any = "middle_third"  # "middle_third" | "all" | list of layer indices
+    blocks: int = 4  # k: the adapter works in 8·k dimensions
+    init_std: float = 0.02
+    alpha_gate: AlphaGateConfig = field(default_factory=AlphaGateConfig)
+    pet: PETConfig = field(default_factory=PETConfig)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class ModelConfig:
+    source: Any = None  # _target_ node: so8t_exp.model_sources.TinyPhi3 | Pretrained
+    so8t: SO8TConfig = field(default_factory=SO8TConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Base parameters trained too, by name substring (like peft's modules_to_save); the
+    # tiny default trains lm_head because its random base has nothing to adapt.
+    train_base_modules: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    files: list[str] = field(default_factory=list)
+    val_fraction: float = 0.1
+    max_length: int = 256
+    mask_prompt: bool = True
+    on_bad_record: str = "error"  # error | skip
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 200
+    micro_batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    optimizer: Any = None  # _target_ node, e.g. torch.optim.AdamW
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    eval_every_n_steps: int = 50
+    eval_max_batches: int | None = None
+    eval_label_records: int = 32  # records scored for the four-class metrics
+    log_every_n_steps: int = 1
+    progress_bar: bool = True
+    deterministic: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval_seconds: float = 180.0
+    every_n_steps: int = 0  # 0: off
+    keep: int = 5
+    save_full_model: bool = False
+    allow_config_change: bool = False
+    mirror_to_mlflow: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    uri: str | None = None  # None: sqlite under <project>/mlruns; MLFLOW_TRACKING_URI wins
+    experiment: str = "so8t"
+    run_name: str | None = None
+    flush_interval_seconds: float = 2.0
+    system_stats_interval_seconds: float = 10.0
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ProgressConfig:
+    interval_seconds: float = 180.0
+
+
+@dataclass
+class NotifyConfig:
+    notifiers: dict[str, Any] = field(default_factory=dict)  # name -> _target_ node
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
+
+
+def register_schemas() -> None:
+    """Store the schemas; ``conf/train.yaml`` merges its groups onto ``train_schema``."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+register_schemas()
+
+_CHOICES = {
+    "data.on_bad_record": {"error", "skip"},
+    "trainer.scheduler.name": {"cosine", "linear", "constant"},
+    "trainer.precision": {"auto", "fp32", "bf16", "fp16"},
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check what the schema's types cannot: choices, ranges, files, ``_target_`` keys.
+
+    Raises :class:`ConfigError` naming the key. Cheap: imports targets, loads nothing.
+    """
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r}: must be one of {sorted(allowed)}")
+    device = cfg.trainer.device
+    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
+        raise ConfigError(f"trainer.device={device!r}: must be auto, cpu, cuda or cuda:N")
+    _check_positive(
+        cfg,
+        [
+            "trainer.max_steps",
+            "trainer.micro_batch_size",
+            "trainer.grad_accum_steps",
+            "data.max_length",
+            "model.so8t.blocks",
+        ],
+    )
+    if cfg.checkpoint.keep < 2:
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 2")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={cfg.data.val_fraction}: must be in [0, 1)")
+    layers = cfg.model.so8t.layers
+    if not (layers in ("middle_third", "all") or isinstance(layers, ListConfig | list)):
+        raise ConfigError(f"model.so8t.layers={layers!r}: 'middle_third', 'all' or a list")
+    if not cfg.data.files:
+        raise ConfigError("data.files is empty: name at least one JSONL file")
+    for i, name in enumerate(cfg.data.files):
+        if not Path(name).is_file():
+            raise ConfigError(f"data.files[{i}]: no such file: {name}")
+    check_target(cfg.model.source, "model.source")
+    check_target(cfg.trainer.optimizer, "trainer.optimizer", skip=("params",))
+    for name, node in cfg.notify.notifiers.items():
+        check_target(node, f"notify.notifiers.{name}")
+
+
+def _check_positive(cfg: DictConfig, keys: list[str]) -> None:
+    for key in keys:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
+
+
+def check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
+    """Check that ``node`` is a ``_target_`` node whose keys the target accepts."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        raise ConfigError(f"{key}: needs a _target_ naming a class or function")
+    try:
+        target = get_object(node._target_)
+    except Exception as err:
+        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {err}") from err
+    params = inspect.signature(target).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    for name in node:
+        if name.startswith("_") or name in skip:
+            continue
+        if name not in params:
+            accepted = sorted(p for p in params if p not in skip and p != "self")
+            raise ConfigError(
+                f"{key}.{name}: not accepted by {node._target_} (accepted keys: {accepted})"
+            )

@@ -1,0 +1,187 @@
+"""JSONL instruction data: parsing, the train/validation split, tokenisation, batch order.
+
+A record is ``{"instruction", "input", "output"}`` plus optional ``four_class_label``
+(ALLOW, ESCALATION, DENY, REFUSE), ``domain_label`` and ``safety_label``. The order of the
+training data is a pure function of (seed, epoch): the batch of any optimizer step is
+found by index arithmetic, which is what lets a resumed run continue mid-epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from so8t_exp.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
+
+FOUR_CLASS_LABELS = ("ALLOW", "ESCALATION", "DENY", "REFUSE")
+IGNORE_INDEX = -100
+
+
+class DataError(ValueError):
+    """A malformed record; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Record:
+    instruction: str
+    input: str
+    output: str
+    four_class_label: str | None = None
+    domain_label: str | None = None
+    safety_label: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        return "\n\n".join(p for p in (self.instruction, self.input) if p)
+
+    @property
+    def text(self) -> str:
+        return "\n\n".join(p for p in (self.instruction, self.input, self.output) if p)
+
+
+@dataclass
+class Dataset:
+    train: list[Record]
+    val: list[Record]
+    skipped: int
+
+
+def parse_record(line: str, where: str) -> Record:
+    """One JSONL line as a :class:`Record`; :class:`DataError` names ``where`` (file:line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg} at column {err.colno})") from err
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in ("instruction", "output"):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise DataError(f"{where}: '{key}' must be a non-empty string")
+    for key in ("input", "four_class_label", "domain_label", "safety_label"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise DataError(f"{where}: '{key}' must be a string")
+    label = obj.get("four_class_label")
+    if label is not None and label not in FOUR_CLASS_LABELS:
+        raise DataError(f"{where}: four_class_label {label!r} not in {FOUR_CLASS_LABELS}")
+    return Record(
+        instruction=obj["instruction"].strip(),
+        input=(obj.get("input") or "").strip(),
+        output=obj["output"].strip(),
+        four_class_label=label,
+        domain_label=obj.get("domain_label"),
+        safety_label=obj.get("safety_label"),
+    )
+
+
+def read_jsonl(path: Path, on_bad_record: str) -> tuple[list[Record], int]:
+    """All records of one file, and how many bad lines were skipped."""
+    records, skipped = [], 0
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(parse_record(line, f"{path}:{lineno}"))
+            except DataError as err:
+                if on_bad_record != "skip":
+                    raise
+                skipped += 1
+                log.warning("skipped bad record: %s", err)
+    return records, skipped
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Read every file in ``data.files`` and split by a hash of each record's text, so the
+    split is stable whatever the file order and seed."""
+    records, skipped = [], 0
+    for i, name in enumerate(cfg.files):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"data.files[{i}]: no such file: {name}")
+        got, bad = read_jsonl(path, cfg.on_bad_record)
+        records += got
+        skipped += bad
+    if not records:
+        raise ConfigError(f"data.files: no usable records in {list(cfg.files)}")
+    train, val = [], []
+    for rec in records:
+        digest = hashlib.sha256(rec.text.encode("utf-8")).digest()
+        (val if int.from_bytes(digest[:8], "big") / 2**64 < cfg.val_fraction else train).append(rec)
+    if not train:
+        raise ConfigError(f"data.val_fraction={cfg.val_fraction} leaves no training records")
+    return Dataset(train=train, val=val, skipped=skipped)
+
+
+def encode(record: Record, tokenizer, max_length: int, mask_prompt: bool) -> dict:
+    """Token ids and labels; with ``mask_prompt`` only the answer is learned."""
+    prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
+    answer = tokenizer("\n\n" + record.output, add_special_tokens=False)["input_ids"]
+    ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id][:max_length]
+    labels = list(ids)
+    if mask_prompt:
+        n_prompt = min(len(ids), 1 + len(prompt))
+        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
+    return {"input_ids": ids, "labels": labels}
+
+
+def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of encoded examples into a batch."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    """The permutation of the training set in ``epoch``: a pure function of its arguments."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen).tolist()
+
+
+class BatchPlan:
+    """Maps an optimizer step to its micro-batches (drop-last within each epoch)."""
+
+    def __init__(
+        self, examples: list[dict], micro_batch: int, accum: int, seed: int, pad_id: int
+    ) -> None:
+        self.examples, self.micro_batch, self.accum = examples, micro_batch, accum
+        self.seed, self.pad_id = seed, pad_id
+        self.steps_per_epoch = len(examples) // (micro_batch * accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"data.files: {len(examples)} training examples are fewer than one optimizer "
+                f"step (trainer.micro_batch_size={micro_batch} × grad_accum_steps={accum})"
+            )
+        self._order_epoch, self._order = -1, []
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, optimizer step within the epoch) of 0-based optimizer step ``step``."""
+        return divmod(step, self.steps_per_epoch)
+
+    def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
+        epoch, index = self.position(step)
+        if epoch != self._order_epoch:
+            self._order_epoch, self._order = (
+                epoch,
+                epoch_order(self.seed, epoch, len(self.examples)),
+            )
+        first = index * self.accum * self.micro_batch
+        out = []
+        for j in range(self.accum):
+            start = first + j * self.micro_batch
+            rows = self._order[start : start + self.micro_batch]
+            out.append(collate([self.examples[i] for i in rows], self.pad_id))
+        return out

@@ -1,0 +1,77 @@
+"""The config fingerprint a checkpoint carries, and the check made on resume.
+
+It is the flattened resolved config minus what may change between two legs of one run
+without changing its results (where it logs, how often it saves, which machine paths it
+reads from), plus the sha256 of every data file, since the data's content matters and
+its path does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from so8t_exp.config import ConfigError
+
+# Keys (or prefixes ending in '.') that do not affect the numbers a run produces.
+_IGNORED = (
+    "tracking.",
+    "notify.",
+    "progress.",
+    "checkpoint.",
+    "trainer.progress_bar",
+    "trainer.device",
+    "trainer.log_every_n_steps",
+    "data.files",
+    "model.source.tokenizer_path",
+    "model.source.device_map",
+)
+
+
+def _flat(node, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, name + "."))
+        else:
+            out[name] = repr(value)
+    return out
+
+
+def _ignored(key: str) -> bool:
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in _IGNORED)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_fingerprint(cfg: DictConfig) -> dict[str, str]:
+    flat = _flat(OmegaConf.to_container(cfg, resolve=True))
+    out = {k: v for k, v in flat.items() if not _ignored(k)}
+    for i, name in enumerate(cfg.data.files):
+        out[f"data.files_sha256.{i}"] = file_sha256(Path(name))
+    return out
+
+
+def check_fingerprint(saved: dict[str, str], current: dict[str, str], allow: bool) -> None:
+    """Refuse to continue under a different config, listing every differing key."""
+    keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    if not keys:
+        return
+    lines = [
+        f"  {k}: checkpoint {saved.get(k, '<absent>')} -> now {current.get(k, '<absent>')}"
+        for k in keys
+    ]
+    message = "the config differs from the checkpoint's:\n" + "\n".join(lines)
+    if not allow:
+        raise ConfigError(message + "\nset checkpoint.allow_config_change=true to continue anyway")
+    logging.getLogger(__name__).warning("%s\ncontinuing (checkpoint.allow_config_change)", message)

@@ -1,0 +1,334 @@
+"""One run from a composed config: build, attach, restore, loop, finish.
+
+``run_training(cfg, session_dir)`` is what ``python -m so8t_exp.train`` calls and what
+tests call directly. Starting it on a session folder that already holds a session
+re-attaches to that MLflow run and continues from its newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from so8t_exp import build, data
+from so8t_exp.checkpoint import Checkpointer, capture, restore
+from so8t_exp.config import validate
+from so8t_exp.evaluate import evaluate
+from so8t_exp.export import export_final
+from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
+from so8t_exp.progress_bar import ProgressBar
+from so8t_exp.session import Session, SessionInfo, now_iso
+from so8t_exp.signals import StopRequest
+from so8t_exp.system_stats import Monitor
+from so8t_exp.tracking import Tracker, flatten
+from so8t_exp.trainer import Trainer, lr_factor
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(trainer_cfg) -> tuple[torch.device, str]:
+    """(device, precision) from ``trainer.device`` and ``trainer.precision``."""
+    name = trainer_cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "fp32" if device.type == "cpu" else ("bf16" if bf16 else "fp16")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("trainer.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
+    return device, precision
+
+
+def run_training(cfg: DictConfig, session_dir: Path, hydra_dir: Path | None = None) -> int:
+    """Train (or continue) the session in ``session_dir``; returns the process exit code."""
+    validate(cfg)
+    return TrainingRun(cfg, session_dir.resolve(), hydra_dir).execute()
+
+
+class TrainingRun:
+    def __init__(self, cfg: DictConfig, session_dir: Path, hydra_dir: Path | None) -> None:
+        self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
+        self.session = Session(session_dir)
+        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.flush_interval_seconds)
+        self.notify = build.build_notifiers(cfg)
+        self.source = build.build_source(cfg)
+
+    # -- attach and restore -----------------------------------------------------------
+    def execute(self) -> int:
+        info = self.session.load()
+        if info is not None and info.status == "completed":
+            log.info("session %s is already completed; nothing to do", self.session_dir)
+            return 0
+        run_id = (
+            info.session_id
+            if info
+            else self.tracker.find_session_run(self.cfg.tracking.experiment, self.session_dir)
+        )
+        if run_id == "FINISHED":
+            log.info("the MLflow run of %s is already finished", self.session_dir)
+            return 0
+        self.tracker.run_id = run_id
+        mirror = self.tracker if self.cfg.checkpoint.mirror_to_mlflow else None
+        self.checkpointer = Checkpointer(
+            self.session_dir / "checkpoints",
+            self.cfg.checkpoint,
+            mirror,
+            self._saved,
+            self._save_failed,
+        )
+        self.fingerprint = config_fingerprint(self.cfg)
+        restored = self.checkpointer.newest() if run_id else None
+        if restored:
+            check_fingerprint(
+                restored[1].docs["state"]["config"],
+                self.fingerprint,
+                self.cfg.checkpoint.allow_config_change,
+            )
+        self.dataset = data.load_dataset(self.cfg.data)
+        self.tracker.start(self.cfg.tracking.experiment, self.cfg.tracking.run_name, run_id)
+        self._open_session(info, resumed=run_id is not None)
+        with StopRequest() as stop:
+            return self._guarded(stop, restored)
+
+    def _open_session(self, info: SessionInfo | None, resumed: bool) -> None:
+        if info is None:
+            self.session.info = SessionInfo(session_id=self.tracker.run_id)
+        self.session.save(
+            status="running",
+            total_steps=self.cfg.trainer.max_steps,
+            tracking_uri=self.tracker.uri,
+            resumes=self.session.info.resumes + int(resumed),
+        )
+        self.tracker.set_tags(
+            {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
+        )
+        self.tracker.log_params(flatten(self.fingerprint_params()))
+        if self.hydra_dir and self.hydra_dir.is_dir():
+            self.tracker.log_artifacts(self.hydra_dir, "hydra")
+        event = "resumed" if resumed else "started"
+        self.notify(event, f"run {self.tracker.run_id} in {self.session_dir}")
+
+    def fingerprint_params(self) -> dict:
+        return {
+            **self.fingerprint,
+            "data.train_records": len(self.dataset.train),
+            "data.val_records": len(self.dataset.val),
+            "data.skipped_records": self.dataset.skipped,
+        }
+
+    # -- build ------------------------------------------------------------------------
+    def _build(self, restored) -> None:
+        cfg = self.cfg
+        seed_everything(cfg.seed, cfg.trainer.deterministic)
+        device, precision = resolve_device(cfg.trainer)
+        model, self.tokenizer, adapters = build.build_model(cfg, self.source)
+        model.to(device).train()
+        encode = lambda r: data.encode(
+            r,
+            self.tokenizer,
+            cfg.data.max_length,  # noqa: E731
+            cfg.data.mask_prompt,
+        )
+        plan = data.BatchPlan(
+            [encode(r) for r in self.dataset.train],
+            cfg.trainer.micro_batch_size,
+            cfg.trainer.grad_accum_steps,
+            cfg.seed,
+            self.tokenizer.pad_token_id,
+        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = build.build_optimizer(cfg, params)
+        s = cfg.trainer.scheduler
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_factor(
+                step, s.warmup_steps, cfg.trainer.max_steps, s.name, s.min_lr_ratio
+            ),
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.trainer = Trainer(
+            cfg, model, adapters, optimizer, scheduler, scaler, plan, device, precision
+        )
+        val = [encode(r) for r in self.dataset.val]
+        mb = cfg.trainer.micro_batch_size
+        self.val_batches = [
+            data.collate(val[i : i + mb], self.tokenizer.pad_token_id)
+            for i in range(0, len(val), mb)
+        ][: cfg.trainer.eval_max_batches]
+        self.label_records = [r for r in self.dataset.val if r.four_class_label][
+            : cfg.trainer.eval_label_records
+        ]
+        if restored:
+            state = restore(
+                restored[1],
+                params=dict(model.named_parameters()),
+                required=set(self.trainer.params),
+                optimizer=optimizer,
+                scheduler=scheduler,
+                scaler=scaler,
+            )
+            for key, value in state["progress"].items():
+                setattr(self.trainer.progress, key, value)
+            self.checkpointer.last_save_step = self.trainer.progress.step
+            self.checkpointer.last_save_seconds = state["last_save_seconds"]
+            log.info("continuing from step %d (%s)", self.trainer.progress.step, restored[0].name)
+
+    # -- loop -------------------------------------------------------------------------
+    def _guarded(self, stop: StopRequest, restored) -> int:
+        monitor = None
+        try:
+            self._build(restored)
+            monitor = Monitor(
+                self.tracker.log_metrics,
+                self._state_for_monitor,
+                self.session_dir,
+                self.cfg.tracking.system_stats_interval_seconds,
+                self.cfg.progress.interval_seconds,
+            ).start()
+            self._loop(stop)
+            if stop.requested:
+                return self._stopped("interrupted", "KILLED", stop.exit_code)
+            self._complete()
+            return 0
+        except KeyboardInterrupt:
+            return self._stopped("interrupted", "KILLED", stop.exit_code)
+        except BaseException:
+            log.exception("training failed")
+            self._stopped("failed", "FAILED", 1)
+            raise
+        finally:
+            if monitor is not None:
+                monitor.stop()
+
+    def _loop(self, stop: StopRequest) -> None:
+        t, p = self.cfg.trainer, self.trainer.progress
+        bar = ProgressBar(t.max_steps, p.step, enabled=t.progress_bar)
+        while p.step < t.max_steps and not stop.requested:
+            metrics = self.trainer.train_step()
+            if p.step % t.log_every_n_steps == 0 or p.step == t.max_steps:
+                metrics.update(self.trainer.so8t_metrics())
+                self.tracker.log_metrics(metrics, p.step)
+            if p.step % t.eval_every_n_steps == 0 or p.step == t.max_steps:
+                self._evaluate()
+            if (
+                self.checkpointer.rolling_due(p.step, p.train_seconds)
+                and not self.checkpointer.busy
+            ):
+                self._save("rolling")
+            bar.update(p.step, metrics)
+        bar.close()
+
+    def _evaluate(self) -> None:
+        tr = self.trainer
+        metrics = evaluate(
+            tr.model, self.tokenizer, self.val_batches, self.label_records, tr.device, tr.autocast
+        )
+        loss = metrics.get("eval/loss")
+        if loss is not None and (tr.progress.best_loss is None or loss < tr.progress.best_loss):
+            tr.progress.best_loss = loss
+        self.tracker.log_metrics(metrics, tr.progress.step)
+
+    def _state_for_monitor(self) -> dict:
+        tr = getattr(self, "trainer", None)
+        return tr.progress.as_dict() if tr else {"step": 0}
+
+    # -- save and finish --------------------------------------------------------------
+    def _save(self, kind: str, wait: bool = False) -> None:
+        tr = self.trainer
+        started = time.perf_counter()
+        state = {
+            "progress": tr.progress.as_dict(),
+            "config": self.fingerprint,
+            "run_id": self.tracker.run_id,
+            "kind": kind,
+            "time": now_iso(),
+            "last_save_seconds": tr.progress.train_seconds,
+            "base_model": self.source.describe(),
+            "torch": torch.__version__,
+        }
+        params = (
+            dict(tr.model.named_parameters()) if self.cfg.checkpoint.save_full_model else tr.params
+        )
+        payload = capture(
+            params=params,
+            optimizer=tr.optimizer,
+            scheduler=tr.scheduler,
+            scaler=tr.scaler,
+            rng=tr.rng_at_boundary(),
+            state=state,
+        )
+        self.checkpointer.last_save_seconds = tr.progress.train_seconds
+        self.checkpointer.save(kind, tr.progress.step, payload, wait=wait)
+        blocked = time.perf_counter() - started
+        self.tracker.log_metrics({"checkpoint/blocked_seconds": blocked}, tr.progress.step)
+
+    def _saved(self, name: str, step: int, kind: str) -> None:
+        epoch, _ = self.trainer.plan.position(step)
+        self.session.save(
+            current_step=step,
+            current_epoch=epoch,
+            best_loss=self.trainer.progress.best_loss,
+            checkpoints=self.checkpointer.local_names(),
+            last_checkpoint_time=now_iso(),
+        )
+        self.tracker.set_tags({"so8t.checkpoint.latest": name, "so8t.checkpoint.latest_step": step})
+
+    def _save_failed(self, name: str, err: Exception) -> None:
+        self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {name}: {err}")
+
+    def _complete(self) -> None:
+        tr = self.trainer
+        self._save("final", wait=True)
+        folder = export_final(
+            self.session_dir / "final_model",
+            tr.params,
+            self.tokenizer,
+            self.cfg,
+            self.source.describe(),
+        )
+        self.tracker.log_artifacts(folder, "final_model")
+        self.session.save(status="completed", current_step=tr.progress.step)
+        self.tracker.finish("FINISHED")
+        self.notify(
+            "finished",
+            f"run {self.tracker.run_id}: {tr.progress.step} steps, "
+            f"best eval loss {tr.progress.best_loss}",
+        )
+
+    def _stopped(self, status: str, mlflow_status: str, code: int) -> int:
+        """Emergency checkpoint at the last step boundary (if one can be had), then close."""
+        tr = getattr(self, "trainer", None)
+        if (
+            tr is not None
+            and not tr.applying
+            and tr.progress.step > self.checkpointer.last_save_step
+        ):
+            try:
+                self._save("emergency", wait=True)
+            except Exception as err:
+                log.error("emergency checkpoint failed: %s", err)
+        self.checkpointer.drain()
+        self.session.save(status=status)
+        self.tracker.finish(mlflow_status)
+        self.notify(
+            "interrupted" if status == "interrupted" else "failed",
+            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}",
+        )
+        return code

@@ -1,0 +1,179 @@
+"""SO8T adapters: SO(8) rotations in front of the attention output projection.
+
+For each selected decoder layer the input ``x`` of ``self_attn.o_proj`` becomes ``M x`` with
+
+    M = I + λ · Pᵀ (R(α) − I) P
+
+``P`` (8k × hidden, no bias) projects into k blocks of 8; ``R(α)`` is block-diagonal with
+blocks ``exp(α·A_i)``, ``A_i`` skew-symmetric from 28 free parameters, so every block lies
+exactly in SO(8); ``λ`` starts at 0, so at initialisation the model is the base model.
+``M`` is linear and sits before ``o_proj``: :func:`fold_into_o_proj` merges it into
+``o_proj.weight`` exactly. This is the only module that knows about SO(8).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from so8t_exp.config import AlphaGateConfig, PETConfig, SO8TConfig
+
+BLOCK = 8
+_TRIU = torch.triu_indices(BLOCK, BLOCK, offset=1)  # the 28 free entries of a skew matrix
+
+
+class SO8TAdapter(nn.Module):
+    """``x ↦ x + λ·Pᵀ(R(α) − I)P x`` on the last dimension of ``x``."""
+
+    def __init__(self, hidden: int, blocks: int, init_std: float = 0.02) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.proj = nn.Parameter(torch.randn(BLOCK * blocks, hidden) * init_std)
+        self.skew_params = nn.Parameter(torch.randn(blocks, BLOCK * (BLOCK - 1) // 2) * 0.1)
+        self.scale = nn.Parameter(torch.zeros(()))  # λ
+        self.register_buffer("alpha", torch.zeros(()), persistent=False)
+        self.last_delta: torch.Tensor | None = None  # for the PET regulariser
+
+    def skew(self) -> torch.Tensor:
+        a = self.skew_params.new_zeros(self.blocks, BLOCK, BLOCK)
+        a[:, _TRIU[0], _TRIU[1]] = self.skew_params
+        return a - a.transpose(1, 2)
+
+    def rotation(self) -> torch.Tensor:
+        """The k blocks of R(α), shape (k, 8, 8), computed in float32."""
+        return torch.linalg.matrix_exp(self.alpha.float() * self.skew().float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.proj.to(x.dtype)
+        z = (x @ p.T).unflatten(-1, (self.blocks, BLOCK))  # (..., k, 8)
+        rot_minus_i = self.rotation().to(x.dtype) - torch.eye(BLOCK, dtype=x.dtype, device=x.device)
+        moved = torch.einsum("...kj,kij->...ki", z, rot_minus_i).flatten(-2)
+        delta = self.scale.to(x.dtype) * (moved @ p)
+        self.last_delta = delta if self.training else None
+        return x + delta
+
+    def matrix(self) -> torch.Tensor:
+        """M as a dense (hidden × hidden) matrix, acting on column vectors."""
+        r = torch.block_diag(*self.rotation())
+        p = self.proj.float()
+        eye_h = torch.eye(p.shape[1], device=p.device)
+        return eye_h + self.scale.float() * p.T @ (r - torch.eye(r.shape[0], device=p.device)) @ p
+
+
+def select_layers(spec: object, num_layers: int) -> list[int]:
+    """``"middle_third"``, ``"all"`` or an explicit list of decoder-layer indices."""
+    if spec == "all":
+        return list(range(num_layers))
+    if spec == "middle_third":
+        start = num_layers // 3
+        return list(range(start, max(start + 1, num_layers - num_layers // 3)))
+    layers = [int(i) for i in spec]  # type: ignore[union-attr]
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"model.so8t.layers: {bad} out of range for {num_layers} layers")
+    return layers
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    for module in model.modules():
+        layers = getattr(module, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and hasattr(layers[0], "self_attn"):
+            return layers
+    raise ValueError("model has no decoder layers with self_attn (needed for SO8T adapters)")
+
+
+def attach_adapters(model: nn.Module, cfg: SO8TConfig) -> list[SO8TAdapter]:
+    """Put an adapter in front of ``self_attn.o_proj`` of the selected layers.
+
+    The adapter is a submodule ``self_attn.so8t_adapter`` (so its parameters have stable
+    names) called from a forward pre-hook on ``o_proj`` (so it also precedes a LoRA
+    wrapper around ``o_proj``). Call after LoRA is applied.
+    """
+    layers = _decoder_layers(model)
+    adapters = []
+    for idx in select_layers(cfg.layers, len(layers)):
+        attn = layers[idx].self_attn
+        if not hasattr(attn, "o_proj"):
+            raise ValueError(f"decoder layer {idx}: attention has no o_proj")
+        weight = next(attn.o_proj.parameters())
+        adapter = SO8TAdapter(attn.o_proj.in_features, cfg.blocks, cfg.init_std)
+        adapter.to(device=weight.device)
+        attn.so8t_adapter = adapter
+        attn.o_proj.register_forward_pre_hook(_pre_hook(adapter))
+        adapters.append(adapter)
+    return adapters
+
+
+def _pre_hook(adapter: SO8TAdapter):
+    def hook(_module: nn.Module, args: tuple) -> tuple:
+        return (adapter(args[0]), *args[1:])
+
+    return hook
+
+
+def fold_into_o_proj(o_proj: nn.Linear, adapter: SO8TAdapter) -> None:
+    """Merge M into ``o_proj.weight`` (W ← W·M), after which the adapter can be removed."""
+    with torch.no_grad():
+        o_proj.weight.copy_((o_proj.weight.float() @ adapter.matrix()).to(o_proj.weight.dtype))
+
+
+def alpha_at(step: int, cfg: AlphaGateConfig, max_steps: int) -> float:
+    """Alpha gate: a sigmoid annealed from exactly 0 to exactly ``cfg.target``."""
+    span = cfg.anneal_steps or max(1, max_steps // 2)
+    t = min(max((step - cfg.start_step) / span, 0.0), 1.0)
+    k = cfg.steepness
+    lo, hi = _sigmoid(-k / 2), _sigmoid(k / 2)
+    return cfg.target * (_sigmoid(k * (t - 0.5)) - lo) / (hi - lo)
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def pet_weight_at(step: int, cfg: PETConfig, max_steps: int) -> float:
+    """PET weight: linear warmup to ``weight``, flat, then linear anneal to ``final_weight``."""
+    frac = step / max(1, max_steps)
+    if frac < cfg.warmup_fraction:
+        return cfg.weight * frac / cfg.warmup_fraction
+    if frac < cfg.anneal_fraction:
+        return cfg.weight
+    tail = (frac - cfg.anneal_fraction) / max(1e-9, 1.0 - cfg.anneal_fraction)
+    return cfg.weight + (cfg.final_weight - cfg.weight) * min(tail, 1.0)
+
+
+def set_alpha(adapters: list[SO8TAdapter], alpha: float) -> None:
+    for adapter in adapters:
+        adapter.alpha.fill_(alpha)
+
+
+def pet_loss(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean squared second difference along the sequence of the adapters' outputs."""
+    terms = []
+    for adapter in adapters:
+        d = adapter.last_delta
+        if d is None or d.shape[-2] < 3:
+            continue
+        second = d[..., 2:, :] - 2 * d[..., 1:-1, :] + d[..., :-2, :]
+        sq = second.float().pow(2).mean(-1)
+        if mask is not None:
+            m = (mask[..., 2:] * mask[..., 1:-1] * mask[..., :-2]).to(sq.dtype)
+            terms.append((sq * m).sum() / m.sum().clamp_min(1.0))
+        else:
+            terms.append(sq.mean())
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def rotation_health(adapters: list[SO8TAdapter]) -> dict[str, float]:
+    """Worst ‖RᵀR − I‖_F and |det R − 1| over all blocks (both ~1e-6 when healthy)."""
+    if not adapters:
+        return {}
+    rots = torch.cat([a.rotation() for a in adapters]).double()
+    eye = torch.eye(BLOCK, dtype=rots.dtype, device=rots.device)
+    ortho = torch.linalg.matrix_norm(rots.transpose(1, 2) @ rots - eye).max().item()
+    det = (torch.linalg.det(rots) - 1).abs().max().item()
+    return {"so8t/ortho_error": ortho, "so8t/det_error": det}

@@ -1,0 +1,307 @@
+"""Everything MLflow: runs, params, tags, artifacts and buffered metrics.
+
+The only module that imports mlflow. It uses ``MlflowClient`` with explicit run ids (never
+the fluent "active run"), so a failed multirun job cannot leave state that breaks the next.
+After the run is open, no tracking failure is allowed to stop training: calls are retried
+or logged and dropped, and metrics wait in the buffer until the server is back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+
+from so8t_exp.paths import PACKAGE_DIR, default_tracking_uri
+
+log = logging.getLogger(__name__)
+
+_SECRET_KEY = re.compile(r"token|secret|passw|api_?key|webhook|credential|auth|url", re.I)
+_SECRET_VALUE = re.compile(r"^(sk-|xox[abpr]-|ghp_|hf_)|://[^/\s]*:[^/\s]*@|[?&](token|key)=", re.I)
+_MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
+_MAX_PARAMS = 100  # ... and of params
+CHECKPOINT_ARTIFACTS = "checkpoints"
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite under ``<project>/mlruns``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def mask_secrets(flat: Mapping[str, Any]) -> dict[str, str]:
+    """Params safe to show: values of secret-looking keys or values become ``***``."""
+    out = {}
+    for key, value in flat.items():
+        text = str(value)
+        secret = _SECRET_KEY.search(key.rsplit(".", 1)[-1]) or _SECRET_VALUE.search(text)
+        out[key] = "***" if secret and value is not None else text[:6000]
+    return out
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists stay whole values."""
+    if not isinstance(tree, Mapping):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out
+
+
+def _artifact_location(uri: str) -> str | None:
+    # Keep artifacts beside a local sqlite database (as a file URI, which works on Windows);
+    # a tracking server chooses its own.
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        return (db.parent / "artifacts").resolve().as_uri()
+    return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class MetricBuffer:
+    """Collects metric points and sends them in batches from a background thread.
+
+    A point whose step is not above the last step already logged for its key is dropped:
+    after a resume, recomputed steps are not logged twice. Points survive send failures.
+    """
+
+    def __init__(
+        self,
+        send: Callable[[list[Metric]], None],
+        interval: float,
+        logged_steps: dict[str, int] | None = None,
+    ) -> None:
+        self._send, self._interval = send, interval
+        self._last = dict(logged_steps or {})
+        self._pending: list[Metric] = []
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self.dropped_on_close = 0
+        self._thread = threading.Thread(target=self._run, name="so8t-metrics", daemon=True)
+        self._thread.start()
+
+    def add(self, metrics: Mapping[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        with self._lock:
+            for key, value in metrics.items():
+                if step <= self._last.get(key, -1):
+                    continue
+                self._last[key] = step
+                self._pending.append(Metric(key, float(value), now, step))
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> bool:
+        """Send what is pending; False (and keep it) if the store is unreachable."""
+        with self._lock:
+            batch, self._pending = self._pending, []
+        sent = 0
+        try:
+            while sent < len(batch):
+                chunk = batch[sent : sent + _MAX_BATCH]
+                self._send(chunk)
+                sent += len(chunk)
+        except Exception as err:  # an outage must never reach the training thread
+            with self._lock:
+                self._pending = batch[sent:] + self._pending
+            log.warning(
+                "metric logging failed, %d points kept for retry: %s", len(batch) - sent, err
+            )
+            return False
+        return True
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop the thread and send the rest, retrying until ``timeout``."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while not self.flush() and time.monotonic() < deadline:
+            time.sleep(1.0)
+        self.dropped_on_close = len(self._pending)
+
+
+class Tracker:
+    """One MLflow run: create or re-attach, then log to it by id."""
+
+    def __init__(self, uri: str | None, flush_interval: float = 2.0) -> None:
+        self.uri = resolve_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        self.flush_interval = flush_interval
+        self.run_id: str | None = None
+        self.metrics: MetricBuffer | None = None
+
+    def experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri))
+
+    def start(self, experiment: str, run_name: str | None, run_id: str | None = None) -> str:
+        """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING)."""
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id(experiment), run_name=run_name)
+            self.run_id, logged = run.info.run_id, {}
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            logged = self.logged_steps()
+        send = lambda batch: self.client.log_batch(self.run_id, metrics=batch)  # noqa: E731
+        self.metrics = MetricBuffer(send, self.flush_interval, logged)
+        return self.run_id
+
+    def find_session_run(self, experiment: str, session_dir: Path) -> str | None:
+        """The newest run recorded for ``session_dir`` (its folder may have been lost):
+        its id, ``"FINISHED"`` if that run is finished, or None."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return None
+        path = str(session_dir.resolve()).replace("'", "\\'")
+        runs = self.client.search_runs(
+            [exp.experiment_id],
+            f"tags.`so8t.session_dir` = '{path}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        if not runs:
+            return None
+        return "FINISHED" if runs[0].info.status == "FINISHED" else runs[0].info.run_id
+
+    def logged_steps(self) -> dict[str, int]:
+        """The highest step already logged for each metric key of this run."""
+        data = self.client.get_run(self.run_id).data
+        metric_objs = getattr(data, "_metric_objs", None)
+        if metric_objs is not None:
+            return {m.key: m.step for m in metric_objs}
+        return {
+            key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+            for key in data.metrics
+        }
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        masked = mask_secrets(params)
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, v) for k, v in masked.items() if k not in existing]
+        for i in range(0, len(items), _MAX_PARAMS):
+            self.client.log_batch(self.run_id, params=items[i : i + _MAX_PARAMS])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
+        self.safely("set tags", self.client.log_batch, self.run_id, tags=items)
+
+    def standard_tags(self, session_dir: Path) -> dict[str, Any]:
+        return {
+            "mlflow.source.git.commit": git_commit(),
+            "so8t.host": socket.gethostname(),
+            "so8t.pid": os.getpid(),
+            "so8t.session_dir": str(session_dir.resolve()),
+        }
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        if self.metrics is not None:
+            self.metrics.add(metrics, step)
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> bool:
+        return self.safely(
+            f"upload {local_dir}",
+            self.client.log_artifacts,
+            self.run_id,
+            str(local_dir),
+            artifact_path,
+        )
+
+    # -- checkpoint mirror (used by so8t_exp.checkpoint.Checkpointer) --------------------
+    def upload_checkpoint(self, folder: Path) -> bool:
+        """Upload under ``checkpoints/<name>/``, manifest last: a cut-short upload has no
+        manifest (or mismatching files) and never verifies."""
+        dest = f"{CHECKPOINT_ARTIFACTS}/{folder.name}"
+        files = sorted(folder.iterdir(), key=lambda p: p.name == "manifest.json")
+        return all(
+            self.safely(f"upload {p.name}", self.client.log_artifact, self.run_id, str(p), dest)
+            for p in files
+        )
+
+    def _artifact_repo(self):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        return get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+
+    def delete_checkpoint(self, name: str) -> bool:
+        return self.safely(
+            f"delete checkpoint {name}",
+            lambda: self._artifact_repo().delete_artifacts(f"{CHECKPOINT_ARTIFACTS}/{name}"),
+        )
+
+    def list_checkpoints(self) -> list[str]:
+        try:
+            entries = self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACTS)
+        except Exception as err:
+            log.warning("MLflow: could not list checkpoints: %s", err)
+            return []
+        return [e.path.rsplit("/", 1)[-1] for e in entries if e.is_dir]
+
+    def download_checkpoint(self, name: str, dest: Path) -> bool:
+        """Materialise artifact folder ``checkpoints/<name>`` as ``dest``."""
+        staging = dest.parent / f"{dest.name}.download"
+        staging.mkdir(parents=True, exist_ok=True)
+        try:
+            got = self.client.download_artifacts(
+                self.run_id, f"{CHECKPOINT_ARTIFACTS}/{name}", str(staging)
+            )
+            os.replace(got, dest)
+            return True
+        except Exception as err:
+            log.warning("MLflow: could not download checkpoint %s: %s", name, err)
+            return False
+
+    def finish(self, status: str) -> None:
+        """Flush metrics and close the run as FINISHED, FAILED or KILLED."""
+        if self.metrics is not None:
+            self.metrics.close()
+            if self.metrics.dropped_on_close:
+                log.error("%d metric points could not be sent", self.metrics.dropped_on_close)
+        assert status in ("FINISHED", "FAILED", "KILLED")
+        self.safely(
+            "end run",
+            self.client.set_terminated,
+            self.run_id,
+            RunStatus.to_string(RunStatus.from_string(status)),
+        )
+
+    @staticmethod
+    def safely(what: str, fn: Callable, *args, **kwargs) -> bool:
+        """Call ``fn``; on failure log a warning and go on (tracking never stops training)."""
+        try:
+            fn(*args, **kwargs)
+        except Exception as err:
+            log.warning("MLflow: could not %s: %s", what, err)
+            return False
+        return True

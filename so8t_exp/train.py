@@ -1,0 +1,48 @@
+"""``python -m so8t_exp.train``: the Hydra entry point. It only composes and calls.
+
+Examples::
+
+    python -m so8t_exp.train                                  # tiny default, CPU, ~1 min
+    python -m so8t_exp.train +experiment=borea                # Borea-Phi-3.5-mini, GPU
+    python -m so8t_exp.train -m trainer.optimizer.lr=1e-4,3e-4
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from so8t_exp.config import ConfigError
+from so8t_exp.data import DataError
+from so8t_exp.paths import config_dir
+from so8t_exp.run import run_training
+
+
+@hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
+def _app(cfg: DictConfig) -> int:
+    hc = HydraConfig.get()
+    session_dir = Path(hc.runtime.output_dir)
+    try:
+        code = run_training(cfg, session_dir, session_dir / hc.output_subdir)
+    except (ConfigError, DataError) as err:
+        # A bad config or data line: one clear line, no traceback, nothing started.
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    # Hydra drops the return value; a single run reports it as the exit code, while a
+    # sweep goes on to its next job.
+    if code and hc.mode == RunMode.RUN:
+        sys.exit(code)
+    return code
+
+
+def main() -> None:
+    _app()
+
+
+if __name__ == "__main__":
+    main()
