@@ -7,6 +7,7 @@ re-attaches to that MLflow run and continues from its newest valid checkpoint.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import time
@@ -140,11 +141,11 @@ class TrainingRun:
         device, precision = resolve_device(cfg.trainer)
         model, self.tokenizer, adapters = build.build_model(cfg, self.source)
         model.to(device).train()
-        encode = lambda r: data.encode(
-            r,
-            self.tokenizer,
-            cfg.data.max_length,  # noqa: E731
-            cfg.data.mask_prompt,
+        encode = functools.partial(
+            data.encode,
+            tokenizer=self.tokenizer,
+            max_length=cfg.data.max_length,
+            mask_prompt=cfg.data.mask_prompt,
         )
         plan = data.BatchPlan(
             [encode(r) for r in self.dataset.train],

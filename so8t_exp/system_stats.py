@@ -7,6 +7,7 @@ everything itself through psutil and NVML and logs it like any other metric.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -46,10 +47,9 @@ class GpuProbe:
                 "power_w": lambda h=h: self.nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
             }
             for name, read in readers.items():
-                try:
+                # A reading a card does not support is left out.
+                with contextlib.suppress(Exception):
                     out[f"system/gpu{i}/{name}"] = float(read())
-                except Exception:  # a reading a card does not support is left out
-                    pass
         return out
 
 
