@@ -1,0 +1,97 @@
+"""MLflow tracking against a real sqlite store."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from so8t_exp.tracking import MetricBuffer, Tracker, flatten, mask_secrets
+
+
+def test_flatten_and_mask_secrets():
+    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "notify": {"hook": {"url": "https://x/y"}},
+                    "token": None, "e": {}})
+    assert flat == {"a.b": 1, "a.c": [1, 2], "notify.hook.url": "https://x/y", "token": None,
+                    "e": {}}
+    masked = mask_secrets({**flat, "x.api_key": "abc", "y.note": "hf_abcdef",
+                           "z.endpoint": "https://user:pw@host/x", "lr": 0.1})
+    assert masked["notify.hook.url"] == "***"
+    assert masked["x.api_key"] == "***" and masked["y.note"] == "***"
+    assert masked["z.endpoint"] == "***"
+    assert masked["lr"] == "0.1" and masked["a.b"] == "1"
+
+
+def test_metric_buffer_drops_steps_already_logged_and_retries_failures():
+    sent: list[Metric] = []
+    failures = iter([True, False, False, False, False])
+    lock = threading.Lock()
+
+    def send(batch):
+        with lock:
+            if next(failures, False):
+                raise ConnectionError("server down")
+            sent.extend(batch)
+
+    buf = MetricBuffer(send, interval=3600, logged_steps={"train/loss": 5})
+    buf.add({"train/loss": 1.0, "eval/loss": 2.0}, step=5)  # loss step 5 already logged
+    buf.add({"train/loss": 0.9}, step=6)
+    buf.add({"train/loss": 0.8}, step=6)  # same step twice: kept once
+    assert buf.flush() is False and sent == []  # outage: nothing lost
+    assert buf.flush() is True
+    buf.close()
+    assert sorted((m.key, m.step, m.value) for m in sent) == [
+        ("eval/loss", 5, 2.0), ("train/loss", 6, 0.9)]
+
+
+def test_tracker_run_lifecycle_and_reattach(tmp_path: Path, store: str):
+    tracker = Tracker(store, flush_interval=0.05)
+    run_id = tracker.start("exp", "first")
+    tracker.log_params({"trainer.lr": 0.1, "notify.webhook.url": "https://secret"})
+    tracker.set_tags(tracker.standard_tags(tmp_path))
+    for step in range(1, 4):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step)
+    tracker.finish("KILLED")
+    client = MlflowClient(store)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.params == {"trainer.lr": "0.1", "notify.webhook.url": "***"}
+    assert run.data.tags["so8t.session_dir"] == str(tmp_path.resolve())
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2, 3]
+    # the artifact store sits beside the database, as a file URI
+    assert run.info.artifact_uri.startswith((tmp_path / "mlruns").resolve().as_uri())
+
+    again = Tracker(store, flush_interval=0.05)
+    assert again.find_session_run("exp", tmp_path) == run_id
+    again.start("exp", None, run_id=run_id)
+    assert client.get_run(run_id).info.status == "RUNNING"
+    assert again.logged_steps() == {"train/loss": 3}
+    for step in range(1, 6):
+        again.log_metrics({"train/loss": 1.0 / step}, step)
+    again.log_params({"trainer.lr": 0.1})  # same value again: no error
+    again.finish("FINISHED")
+    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(steps) == [1, 2, 3, 4, 5]
+    assert again.find_session_run("exp", tmp_path) == "FINISHED"
+    assert again.find_session_run("exp", tmp_path / "other") is None
+
+
+def test_checkpoint_mirror_round_trip(tmp_path: Path, store: str):
+    tracker = Tracker(store)
+    tracker.start("exp", None)
+    folder = tmp_path / "rolling-step00000003"
+    folder.mkdir()
+    (folder / "a.safetensors").write_bytes(b"x" * 100)
+    (folder / "manifest.json").write_text("{}")
+    assert tracker.upload_checkpoint(folder)
+    assert tracker.list_checkpoints() == ["rolling-step00000003"]
+    dest = tmp_path / "restore" / "rolling-step00000003"
+    dest.parent.mkdir()
+    assert tracker.download_checkpoint("rolling-step00000003", dest)
+    assert (dest / "a.safetensors").read_bytes() == b"x" * 100
+    assert tracker.delete_checkpoint("rolling-step00000003")
+    assert tracker.list_checkpoints() == []
+    assert not tracker.download_checkpoint("rolling-step00000003", tmp_path / "gone")
+    tracker.finish("FINISHED")
