@@ -9,6 +9,7 @@ its path does not.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def _flat(node, prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             out.update(_flat(value, name + "."))
         else:
-            out[name] = repr(value)
+            out[name] = value if isinstance(value, str) else json.dumps(value)
     return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
 from so8t_exp.checkpoint import Checkpointer, capture, restore
@@ -67,12 +67,14 @@ class TrainingRun:
     def __init__(self, cfg: DictConfig, session_dir: Path, hydra_dir: Path | None) -> None:
         self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
         self.session = Session(session_dir)
-        self.tracker = Tracker(cfg.tracking.uri, cfg.tracking.flush_interval_seconds)
         self.notify = build.build_notifiers(cfg)
         self.source = build.build_source(cfg)
 
     # -- attach and restore -----------------------------------------------------------
     def execute(self) -> int:
+        # Bad data fails here, before anything is created in MLflow or on disk.
+        self.dataset = data.load_dataset(self.cfg.data)
+        self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
         info = self.session.load()
         if info is not None and info.status == "completed":
             log.info("session %s is already completed; nothing to do", self.session_dir)
@@ -102,7 +104,6 @@ class TrainingRun:
                 self.fingerprint,
                 self.cfg.checkpoint.allow_config_change,
             )
-        self.dataset = data.load_dataset(self.cfg.data)
         self.tracker.start(self.cfg.tracking.experiment, self.cfg.tracking.run_name, run_id)
         self._open_session(info, resumed=run_id is not None)
         with StopRequest() as stop:
@@ -120,15 +121,18 @@ class TrainingRun:
         self.tracker.set_tags(
             {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
         )
-        self.tracker.log_params(flatten(self.fingerprint_params()))
+        self.tracker.log_params(self.params())
         if self.hydra_dir and self.hydra_dir.is_dir():
             self.tracker.log_artifacts(self.hydra_dir, "hydra")
         event = "resumed" if resumed else "started"
         self.notify(event, f"run {self.tracker.run_id} in {self.session_dir}")
 
-    def fingerprint_params(self) -> dict:
+    def params(self) -> dict:
+        config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
+        sha = {k: v for k, v in self.fingerprint.items() if k.startswith("data.files_sha256")}
         return {
-            **self.fingerprint,
+            **config,
+            **sha,
             "data.train_records": len(self.dataset.train),
             "data.val_records": len(self.dataset.val),
             "data.skipped_records": self.dataset.skipped,

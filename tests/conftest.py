@@ -41,8 +41,15 @@ def compose_cfg(tmp_path: Path, store: str):
 
 
 def train_cmd(store: str, run_dir: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "so8t_exp.train", f"tracking.uri={store}",
-            f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "so8t_exp.train",
+        f"tracking.uri={store}",
+        f"hydra.run.dir={run_dir}",
+        "trainer.progress_bar=false",
+        *overrides,
+    ]
 
 
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -51,20 +58,31 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(tmp_path: Path, store: str, run_dir: Path, *overrides: str, env=None,
-              timeout: float = 300) -> subprocess.CompletedProcess:
+def run_train(
+    tmp_path: Path, store: str, run_dir: Path, *overrides: str, env=None, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run ``python -m so8t_exp.train`` to completion in a neutral working directory."""
-    return subprocess.run(train_cmd(store, run_dir, *overrides), cwd=tmp_path,
-                          env=env or subprocess_env(tmp_path), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        train_cmd(store, run_dir, *overrides),
+        cwd=tmp_path,
+        env=env or subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
-def start_train(tmp_path: Path, store: str, run_dir: Path, *overrides: str,
-                env=None) -> subprocess.Popen:
+def start_train(
+    tmp_path: Path, store: str, run_dir: Path, *overrides: str, env=None
+) -> subprocess.Popen:
     log = open(run_dir.parent / f"{run_dir.name}.{time.monotonic_ns()}.log", "w")  # noqa: SIM115
-    return subprocess.Popen(train_cmd(store, run_dir, *overrides), cwd=tmp_path,
-                            env=env or subprocess_env(tmp_path), stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        train_cmd(store, run_dir, *overrides),
+        cwd=tmp_path,
+        env=env or subprocess_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def session_info(run_dir: Path) -> dict:
@@ -74,8 +92,9 @@ def session_info(run_dir: Path) -> dict:
         return {}
 
 
-def wait_for(predicate, timeout: float = 120, what: str = "condition",
-             proc: subprocess.Popen | None = None) -> None:
+def wait_for(
+    predicate, timeout: float = 120, what: str = "condition", proc: subprocess.Popen | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -39,8 +39,14 @@ def _payload(step: int = 3) -> fmt.Payload:
     model, opt, sched, scaler = _setup()
     for _ in range(step):
         _step(model, opt, sched)
-    return capture(params=dict(model.named_parameters()), optimizer=opt, scheduler=sched,
-                   scaler=scaler, rng=RNGState.now(), state={"progress": {"step": step}})
+    return capture(
+        params=dict(model.named_parameters()),
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        rng=RNGState.now(),
+        state={"progress": {"step": step}},
+    )
 
 
 def test_write_verify_read_round_trip(tmp_path: Path):
@@ -49,9 +55,16 @@ def test_write_verify_read_round_trip(tmp_path: Path):
     assert folder.name == "rolling-step00000003"
     assert fmt.verify(folder) is None
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"weights.safetensors", "optimizer.safetensors",
-                                      "rng.safetensors", "state.json", "optimizer.json",
-                                      "rng.json", "scheduler.json", "scaler.json"}
+    assert set(manifest["files"]) == {
+        "weights.safetensors",
+        "optimizer.safetensors",
+        "rng.safetensors",
+        "state.json",
+        "optimizer.json",
+        "rng.json",
+        "scheduler.json",
+        "scaler.json",
+    }
     back = fmt.read(folder)
     for group, tensors in payload.tensors.items():
         assert tensors.keys() == back.tensors[group].keys()
@@ -68,7 +81,8 @@ def _flip_byte(path: Path) -> None:
 
 CORRUPTIONS = {
     "truncated": lambda f: (f / "weights.safetensors").write_bytes(
-        (f / "weights.safetensors").read_bytes()[:50]),
+        (f / "weights.safetensors").read_bytes()[:50]
+    ),
     "bit_flip": lambda f: _flip_byte(f / "optimizer.safetensors"),
     "no_manifest": lambda f: (f / "manifest.json").unlink(),
     "garbage_manifest": lambda f: (f / "manifest.json").write_text("{not json"),
@@ -116,16 +130,28 @@ def test_capture_restore_continues_bitwise(tmp_path: Path):
     model, opt, sched, scaler = _setup()
     for _ in range(3):
         _step(model, opt, sched)
-    payload = capture(params=dict(model.named_parameters()), optimizer=opt, scheduler=sched,
-                      scaler=scaler, rng=RNGState.now(), state={"progress": {"step": 3}})
+    payload = capture(
+        params=dict(model.named_parameters()),
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        rng=RNGState.now(),
+        state={"progress": {"step": 3}},
+    )
     fmt.write(tmp_path, "rolling-step00000003", payload)
     expected_py, expected_np = random.random(), np.random.rand()
     for _ in range(3):
         _step(model, opt, sched)
     model2, opt2, sched2, scaler2 = _setup(seed=123)  # different init: must be overwritten
     params2 = dict(model2.named_parameters())
-    state = restore(fmt.read(tmp_path / "rolling-step00000003"), params=params2,
-                    required=set(params2), optimizer=opt2, scheduler=sched2, scaler=scaler2)
+    state = restore(
+        fmt.read(tmp_path / "rolling-step00000003"),
+        params=params2,
+        required=set(params2),
+        optimizer=opt2,
+        scheduler=sched2,
+        scaler=scaler2,
+    )
     assert state == {"progress": {"step": 3}}
     assert (random.random(), np.random.rand()) == (expected_py, expected_np)
     for _ in range(3):
@@ -142,15 +168,25 @@ def test_restore_refuses_mismatched_weights(tmp_path: Path):
     model, opt, sched, scaler = _setup()
     params = {f"other.{n}": p for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="do not match"):
-        restore(payload, params=params, required=set(params), optimizer=opt, scheduler=sched,
-                scaler=scaler)
+        restore(
+            payload,
+            params=params,
+            required=set(params),
+            optimizer=opt,
+            scheduler=sched,
+            scaler=scaler,
+        )
 
 
 def test_checkpointer_keeps_newest_rolling_and_never_overlaps(tmp_path: Path):
     saved, failed = [], []
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(keep=2, every_n_steps=1), None,
-                        lambda name, step, kind: saved.append(name),
-                        lambda name, err: failed.append(name))
+    ckpt = Checkpointer(
+        tmp_path,
+        CheckpointConfig(keep=2, every_n_steps=1),
+        None,
+        lambda name, step, kind: saved.append(name),
+        lambda name, err: failed.append(name),
+    )
     payload = _payload(1)
     for step in range(1, 6):
         assert ckpt.rolling_due(step, 0.0)
@@ -158,14 +194,18 @@ def test_checkpointer_keeps_newest_rolling_and_never_overlaps(tmp_path: Path):
     ckpt.save("final", 5, payload, wait=True)
     assert not failed
     assert saved == [f"rolling-step{s:08d}" for s in range(1, 6)] + ["final-step00000005"]
-    assert ckpt.local_names() == ["final-step00000005", "rolling-step00000005",
-                                  "rolling-step00000004"]
+    assert ckpt.local_names() == [
+        "final-step00000005",
+        "rolling-step00000005",
+        "rolling-step00000004",
+    ]
     assert not ckpt.rolling_due(5, 0.0)  # already saved at this step
 
 
 def test_rolling_due_by_training_time(tmp_path: Path):
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(interval_seconds=10), None,
-                        lambda *a: None, lambda *a: None)
+    ckpt = Checkpointer(
+        tmp_path, CheckpointConfig(interval_seconds=10), None, lambda *a: None, lambda *a: None
+    )
     ckpt.last_save_seconds = 95.0  # restored from a checkpoint: the clock does not restart
     assert not ckpt.rolling_due(7, 100.0)
     assert ckpt.rolling_due(7, 105.0)
@@ -173,8 +213,13 @@ def test_rolling_due_by_training_time(tmp_path: Path):
 
 def test_failed_write_is_reported_and_leaves_no_partial_folder(tmp_path: Path):
     failed = []
-    ckpt = Checkpointer(tmp_path, CheckpointConfig(), None, lambda *a: None,
-                        lambda name, err: failed.append((name, str(err))))
+    ckpt = Checkpointer(
+        tmp_path,
+        CheckpointConfig(),
+        None,
+        lambda *a: None,
+        lambda name, err: failed.append((name, str(err))),
+    )
     bad = fmt.Payload(tensors={"weights": {"x": torch.zeros(2)}}, docs={"state": {"bad": {1, 2}}})
     ckpt.save("rolling", 1, bad, wait=True)
     assert failed and failed[0][0] == "rolling-step00000001"

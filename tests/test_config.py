@@ -106,8 +106,13 @@ def test_validate_names_the_key(compose_cfg, override, message):
 
 
 def test_cfg_job_from_an_unrelated_directory(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "so8t_exp.train", "--cfg", "job", "--resolve"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "so8t_exp.train", "--cfg", "job", "--resolve"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "max_steps:" in out.stdout and "so8t_sample.jsonl" in out.stdout
 
@@ -116,9 +121,21 @@ def test_cfg_job_from_an_unrelated_directory(tmp_path):
 def test_config_tree_found_from_a_built_wheel(tmp_path):
     """The wheel carries conf/ as so8t_exp/conf; run from an unpacked wheel, not the checkout."""
     root = config_dir().parent
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w",
-                            str(tmp_path / "dist"), str(root)], capture_output=True, text=True,
-                           timeout=300)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "-w",
+            str(tmp_path / "dist"),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert built.returncode == 0, built.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("so8t_exp-*.whl"))
     site = tmp_path / "site"
@@ -127,10 +144,17 @@ def test_config_tree_found_from_a_built_wheel(tmp_path):
     assert (site / "so8t_exp" / "assets" / "tokenizer" / "tokenizer.json").is_file()
     code = "from so8t_exp.paths import config_dir; print(config_dir())"
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"}
-    where = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
-                           capture_output=True, text=True)
+    where = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert Path(where.stdout.strip()) == site / "so8t_exp" / "conf", where.stderr
-    job = subprocess.run([sys.executable, "-m", "so8t_exp.train", "--cfg", "job", "--resolve"], cwd=tmp_path,
-                         env=env, capture_output=True, text=True, timeout=120)
+    job = subprocess.run(
+        [sys.executable, "-m", "so8t_exp.train", "--cfg", "job", "--resolve"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert job.returncode == 0, job.stderr
     assert str(site / "so8t_exp" / "assets") in job.stdout

@@ -12,12 +12,30 @@ from so8t_exp.tracking import MetricBuffer, Tracker, flatten, mask_secrets
 
 
 def test_flatten_and_mask_secrets():
-    flat = flatten({"a": {"b": 1, "c": [1, 2]}, "notify": {"hook": {"url": "https://x/y"}},
-                    "token": None, "e": {}})
-    assert flat == {"a.b": 1, "a.c": [1, 2], "notify.hook.url": "https://x/y", "token": None,
-                    "e": {}}
-    masked = mask_secrets({**flat, "x.api_key": "abc", "y.note": "hf_abcdef",
-                           "z.endpoint": "https://user:pw@host/x", "lr": 0.1})
+    flat = flatten(
+        {
+            "a": {"b": 1, "c": [1, 2]},
+            "notify": {"hook": {"url": "https://x/y"}},
+            "token": None,
+            "e": {},
+        }
+    )
+    assert flat == {
+        "a.b": 1,
+        "a.c": [1, 2],
+        "notify.hook.url": "https://x/y",
+        "token": None,
+        "e": {},
+    }
+    masked = mask_secrets(
+        {
+            **flat,
+            "x.api_key": "abc",
+            "y.note": "hf_abcdef",
+            "z.endpoint": "https://user:pw@host/x",
+            "lr": 0.1,
+        }
+    )
     assert masked["notify.hook.url"] == "***"
     assert masked["x.api_key"] == "***" and masked["y.note"] == "***"
     assert masked["z.endpoint"] == "***"
@@ -43,7 +61,9 @@ def test_metric_buffer_drops_steps_already_logged_and_retries_failures():
     assert buf.flush() is True
     buf.close()
     assert sorted((m.key, m.step, m.value) for m in sent) == [
-        ("eval/loss", 5, 2.0), ("train/loss", 6, 0.9)]
+        ("eval/loss", 5, 2.0),
+        ("train/loss", 6, 0.9),
+    ]
 
 
 def test_tracker_run_lifecycle_and_reattach(tmp_path: Path, store: str):

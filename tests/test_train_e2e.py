@@ -1,0 +1,144 @@
+"""End to end: ``python -m so8t_exp.train`` in subprocesses against a real sqlite store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import history, only_run, run_train, session_info, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_run_is_tracked_completely(tmp_path: Path, store: str):
+    run_dir = tmp_path / "run"
+    out = run_train(
+        tmp_path,
+        store,
+        run_dir,
+        "+experiment=smoke",
+        "trainer.max_steps=16",
+        "tracking.system_stats_interval_seconds=0.2",
+        "progress.interval_seconds=0.5",
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED"
+    loss = history(client, run.info.run_id, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, 17))
+    assert loss[-1][1] < loss[0][1]
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_sec",
+        "train/alpha",
+        "train/pet_loss",
+        "so8t/ortho_error",
+        "so8t/det_error",
+        "eval/loss",
+        "eval/perplexity",
+        "eval/macro_f1",
+        "eval/ece",
+        "eval/refuse_recall",
+        "system/cpu_percent",
+        "system/ram_used_gb",
+        "system/process_rss_gb",
+    ):
+        assert key in run.data.metrics, key
+    assert run.data.metrics["so8t/ortho_error"] < 1e-4
+    params = run.data.params
+    assert params["trainer.max_steps"] == "16" and params["seed"] == "42"
+    assert params["model.source._target_"] == "so8t_exp.model_sources.TinyPhi3"
+    assert run.data.tags["so8t.session_dir"] == str(run_dir.resolve())
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "hydra")}
+    assert arts == {"hydra/config.yaml", "hydra/hydra.yaml", "hydra/overrides.yaml"}
+    final = {a.path for a in client.list_artifacts(run.info.run_id, "final_model")}
+    assert {
+        "final_model/adapter_model.safetensors",
+        "final_model/config.yaml",
+        "final_model/tokenizer",
+        "final_model/base_model.json",
+    } <= final
+    info = session_info(run_dir)
+    assert info["session_id"] == run.info.run_id and info["status"] == "completed"
+    assert info["current_step"] == 16 and info["total_steps"] == 16
+    assert info["checkpoints"] == ["final-step00000016"]
+    progress = (run_dir / "progress_logs" / "progress.jsonl").read_text().splitlines()
+    assert len(progress) >= 2 and "system/cpu_percent" in json.loads(progress[-1])
+
+    again = run_train(tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=16")
+    assert again.returncode == 0 and "already completed" in again.stdout + again.stderr
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_bad_config_key_names_it_and_starts_nothing(tmp_path: Path, store: str):
+    out = run_train(tmp_path, store, tmp_path / "run", "trainer.max_stepz=3")
+    assert out.returncode != 0
+    assert "max_stepz" in out.stderr
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_bad_data_line_names_file_and_line(tmp_path: Path, store: str, skip: bool):
+    good = [
+        json.dumps(
+            {
+                "instruction": f"Say hi {i}",
+                "input": "",
+                "output": f"Hi {i}!",
+                "four_class_label": "ALLOW",
+            }
+        )
+        for i in range(42)
+    ]
+    data = tmp_path / "bad.jsonl"
+    lines = good[:2] + ["{oops"] + good[2:]
+    data.write_text("\n".join(lines) + "\n")
+    overrides = ["+experiment=smoke", "trainer.max_steps=2", f"data.files=[{data}]"]
+    if skip:
+        overrides.append("data.on_bad_record=skip")
+    out = run_train(tmp_path, store, tmp_path / "run", *overrides)
+    if skip:
+        assert out.returncode == 0, out.stderr[-2000:]
+        _client, run = only_run(store)
+        assert run.data.params["data.skipped_records"] == "1"
+    else:
+        assert out.returncode == 2
+        assert f"{data}:3" in out.stderr and "invalid JSON" in out.stderr
+        assert not (tmp_path / "mlruns").exists()
+
+
+def test_multirun_jobs_are_separate_runs_and_a_failure_does_not_break_the_next(tmp_path, store):
+    env = subprocess_env(tmp_path, SO8T_FAULT_FAIL_AT_STEP="4")
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "so8t_exp.train",
+            "-m",
+            f"tracking.uri={store}",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+            "trainer.progress_bar=false",
+            "+experiment=smoke",
+            "trainer.max_steps=6,3",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    client = MlflowClient(store)
+    runs = client.search_runs([client.get_experiment_by_name("so8t").experiment_id])
+    by_steps = {r.data.params["trainer.max_steps"]: r for r in runs}
+    assert sorted(by_steps) == ["3", "6"], out.stderr[-3000:]
+    assert by_steps["6"].info.status == "FAILED"  # job 0 hit the injected fault at step 4
+    assert by_steps["3"].info.status == "FINISHED"
+    dirs = {r.data.tags["so8t.session_dir"] for r in runs}
+    assert dirs == {str((tmp_path / "sweep" / n).resolve()) for n in ("0", "1")}
