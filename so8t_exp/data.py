@@ -83,7 +83,7 @@ def parse_record(line: str, where: str) -> Record:
 def read_jsonl(path: Path, on_bad_record: str) -> tuple[list[Record], int]:
     """All records of one file, and how many bad lines were skipped."""
     records, skipped = [], 0
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:  # -sig: Windows editors write a BOM
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

@@ -50,7 +50,8 @@ class TinyPhi3:
         )
         # Seed a private generator state: building the model must not depend on, or
         # disturb, the global RNG that drives training.
-        with torch.random.fork_rng(devices=[]):
+        # (manual_seed also seeds every CUDA device, so fork those too.)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
             torch.manual_seed(self.init_seed)
             model = Phi3ForCausalLM(config)
         return model, tokenizer

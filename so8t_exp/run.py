@@ -67,6 +67,7 @@ class TrainingRun:
     def __init__(self, cfg: DictConfig, session_dir: Path, hydra_dir: Path | None) -> None:
         self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
         self.session = Session(session_dir)
+        self.pending_metrics: dict[str, float] = {}
         self.notify = build.build_notifiers(cfg)
         self.source = build.build_source(cfg)
 
@@ -193,6 +194,7 @@ class TrainingRun:
                 setattr(self.trainer.progress, key, value)
             self.checkpointer.last_save_step = self.trainer.progress.step
             self.checkpointer.last_save_seconds = state["last_save_seconds"]
+            self.tracker.requeue_metrics(state.get("metrics_unsent", []))
             log.info("continuing from step %d (%s)", self.trainer.progress.step, restored[0].name)
 
     # -- loop -------------------------------------------------------------------------
@@ -227,6 +229,8 @@ class TrainingRun:
         bar = ProgressBar(t.max_steps, p.step, enabled=t.progress_bar)
         while p.step < t.max_steps and not stop.requested:
             metrics = self.trainer.train_step()
+            metrics.update(self.pending_metrics)
+            self.pending_metrics.clear()
             if p.step % t.log_every_n_steps == 0 or p.step == t.max_steps:
                 metrics.update(self.trainer.so8t_metrics())
                 self.tracker.log_metrics(metrics, p.step)
@@ -267,6 +271,7 @@ class TrainingRun:
             "last_save_seconds": tr.progress.train_seconds,
             "base_model": self.source.describe(),
             "torch": torch.__version__,
+            "metrics_unsent": self.tracker.unsent_metrics(),
         }
         params = (
             dict(tr.model.named_parameters()) if self.cfg.checkpoint.save_full_model else tr.params
@@ -281,8 +286,8 @@ class TrainingRun:
         )
         self.checkpointer.last_save_seconds = tr.progress.train_seconds
         self.checkpointer.save(kind, tr.progress.step, payload, wait=wait)
-        blocked = time.perf_counter() - started
-        self.tracker.log_metrics({"checkpoint/blocked_seconds": blocked}, tr.progress.step)
+        # Logged with the next step: this step's metrics are already in the checkpoint.
+        self.pending_metrics["checkpoint/blocked_seconds"] = time.perf_counter() - started
 
     def _saved(self, name: str, step: int, kind: str) -> None:
         epoch, _ = self.trainer.plan.position(step)

@@ -54,6 +54,10 @@ class SO8TAdapter(nn.Module):
         self.last_delta = delta if self.training else None
         return x + delta
 
+    def pre_hook(self, _module: nn.Module, args: tuple) -> tuple:
+        """Forward pre-hook for ``o_proj``: adapt its input."""
+        return (self(args[0]), *args[1:])
+
     def matrix(self) -> torch.Tensor:
         """M as a dense (hidden × hidden) matrix, acting on column vectors."""
         r = torch.block_diag(*self.rotation())
@@ -69,7 +73,12 @@ def select_layers(spec: object, num_layers: int) -> list[int]:
     if spec == "middle_third":
         start = num_layers // 3
         return list(range(start, max(start + 1, num_layers - num_layers // 3)))
-    layers = [int(i) for i in spec]  # type: ignore[union-attr]
+    try:
+        layers = [int(i) for i in spec]  # type: ignore[union-attr]
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"model.so8t.layers={spec!r}: 'middle_third', 'all' or a list of layer indices"
+        ) from err
     bad = [i for i in layers if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"model.so8t.layers: {bad} out of range for {num_layers} layers")
@@ -101,16 +110,11 @@ def attach_adapters(model: nn.Module, cfg: SO8TConfig) -> list[SO8TAdapter]:
         adapter = SO8TAdapter(attn.o_proj.in_features, cfg.blocks, cfg.init_std)
         adapter.to(device=weight.device)
         attn.so8t_adapter = adapter
-        attn.o_proj.register_forward_pre_hook(_pre_hook(adapter))
+        # A bound method, not a closure: deepcopy of the model rebinds it to the copy's
+        # adapter.
+        attn.o_proj.register_forward_pre_hook(adapter.pre_hook)
         adapters.append(adapter)
     return adapters
-
-
-def _pre_hook(adapter: SO8TAdapter):
-    def hook(_module: nn.Module, args: tuple) -> tuple:
-        return (adapter(args[0]), *args[1:])
-
-    return hook
 
 
 def fold_into_o_proj(o_proj: nn.Linear, adapter: SO8TAdapter) -> None:
@@ -121,7 +125,7 @@ def fold_into_o_proj(o_proj: nn.Linear, adapter: SO8TAdapter) -> None:
 
 def alpha_at(step: int, cfg: AlphaGateConfig, max_steps: int) -> float:
     """Alpha gate: a sigmoid annealed from exactly 0 to exactly ``cfg.target``."""
-    span = cfg.anneal_steps or max(1, max_steps // 2)
+    span = max(1, max_steps // 2 if cfg.anneal_steps is None else cfg.anneal_steps)
     t = min(max((step - cfg.start_step) / span, 0.0), 1.0)
     k = cfg.steepness
     lo, hi = _sigmoid(-k / 2), _sigmoid(k / 2)

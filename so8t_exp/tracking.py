@@ -97,21 +97,35 @@ class MetricBuffer:
         self._send, self._interval = send, interval
         self._last = dict(logged_steps or {})
         self._pending: list[Metric] = []
+        self._inflight: list[Metric] = []
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = False
         self.dropped_on_close = 0
         self._thread = threading.Thread(target=self._run, name="so8t-metrics", daemon=True)
         self._thread.start()
 
-    def add(self, metrics: Mapping[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def add(self, metrics: Mapping[str, float], step: int, timestamp: int | None = None) -> None:
+        now = timestamp or int(time.time() * 1000)
         with self._lock:
             for key, value in metrics.items():
                 if step <= self._last.get(key, -1):
                     continue
                 self._last[key] = step
                 self._pending.append(Metric(key, float(value), now, step))
+
+    def unsent(self) -> list[list]:
+        """Points not yet confirmed by the store (in flight or pending), as JSON-able rows
+        ``[key, value, timestamp, step]``. Checkpoints carry them, so a crash right after a
+        checkpoint cannot lose the metrics of the steps it covers."""
+        with self._lock:
+            return [[m.key, m.value, m.timestamp, m.step] for m in self._inflight + self._pending]
+
+    def add_unsent(self, rows: list[list]) -> None:
+        """Queue rows from :meth:`unsent` again; those the store already has are dropped."""
+        for key, value, timestamp, step in sorted(rows, key=lambda r: r[3]):
+            self.add({key: value}, step, timestamp)
 
     def _run(self) -> None:
         while not self._stop:
@@ -121,22 +135,23 @@ class MetricBuffer:
 
     def flush(self) -> bool:
         """Send what is pending; False (and keep it) if the store is unreachable."""
-        with self._lock:
-            batch, self._pending = self._pending, []
-        sent = 0
-        try:
-            while sent < len(batch):
-                chunk = batch[sent : sent + _MAX_BATCH]
-                self._send(chunk)
-                sent += len(chunk)
-        except Exception as err:  # an outage must never reach the training thread
+        with self._flush_lock:
             with self._lock:
-                self._pending = batch[sent:] + self._pending
-            log.warning(
-                "metric logging failed, %d points kept for retry: %s", len(batch) - sent, err
-            )
-            return False
-        return True
+                self._inflight, self._pending = self._pending, []
+            try:
+                while self._inflight:
+                    chunk = self._inflight[:_MAX_BATCH]
+                    self._send(chunk)
+                    with self._lock:
+                        self._inflight = self._inflight[len(chunk) :]
+            except Exception as err:  # an outage must never reach the training thread
+                with self._lock:
+                    self._pending, self._inflight = self._inflight + self._pending, []
+                log.warning(
+                    "metric logging failed, %d points kept for retry: %s", len(self._pending), err
+                )
+                return False
+            return True
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop the thread and send the rest, retrying until ``timeout``."""
@@ -228,6 +243,13 @@ class Tracker:
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.metrics is not None:
             self.metrics.add(metrics, step)
+
+    def unsent_metrics(self) -> list[list]:
+        return self.metrics.unsent() if self.metrics else []
+
+    def requeue_metrics(self, rows: list[list]) -> None:
+        if self.metrics is not None:
+            self.metrics.add_unsent(rows)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> bool:
         return self.safely(

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from so8t_exp.checkpoint import RNGState, capture, format as fmt, restore
+from so8t_exp.checkpoint import RNGState, capture, restore
+from so8t_exp.checkpoint import format as fmt
 from so8t_exp.checkpoint.manager import Checkpointer
 from so8t_exp.config import CheckpointConfig
 

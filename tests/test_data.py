@@ -283,3 +283,10 @@ def test_bundled_sample_parses_and_is_bilingual_with_all_labels():
     english = [r for r in recs if not JAPANESE.search(r.text)]
     assert japanese and english
     assert all(re.search(r"[A-Za-z]{3,}", r.text) for r in english)
+
+
+def test_utf8_bom_file_parses(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "a", "output": "b"}\n')
+    records, skipped = read_jsonl(path, "error")
+    assert skipped == 0 and records[0].instruction == "a"

@@ -1,0 +1,233 @@
+"""Crash-proof continuation, end to end: real processes, real signals, a real sqlite store.
+
+Every interrupted run is continued on the same ``hydra.run.dir`` until it finishes and must
+then equal an uninterrupted run bit for bit: final weights, optimizer state, and the
+``train/loss`` history with every step logged exactly once.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from so8t_exp.checkpoint import verify
+from so8t_exp.paths import sqlite_uri
+from tests.conftest import (
+    history,
+    only_run,
+    run_train,
+    session_info,
+    start_train,
+    subprocess_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 48
+OVERRIDES = (
+    "+experiment=smoke",
+    f"trainer.max_steps={STEPS}",
+    "trainer.eval_every_n_steps=12",
+    "checkpoint.every_n_steps=4",
+    "checkpoint.keep=3",
+)
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("baseline")
+    store = sqlite_uri(tmp / "mlflow.db")
+    out = run_train(tmp, store, tmp / "run", *OVERRIDES)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, run = only_run(store)
+    return {
+        "dir": tmp / "run",
+        "store": store,
+        "client": client,
+        "run": run,
+        "loss": history(client, run.info.run_id, "train/loss"),
+    }
+
+
+def final_state(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
+    folder = run_dir / "checkpoints" / f"final-step{STEPS:08d}"
+    assert verify(folder) is None
+    return {name: load_file(folder / f"{name}.safetensors") for name in ("weights", "optimizer")}
+
+
+def assert_same_as_baseline(run_dir: Path, store: str, baseline: dict) -> None:
+    client, run = only_run(store)
+    assert run.info.status == "FINISHED"
+    ours, ref = final_state(run_dir), final_state(baseline["dir"])
+    for group in ref:
+        assert ours[group].keys() == ref[group].keys()
+        for key, tensor in ref[group].items():
+            assert torch.equal(ours[group][key], tensor), f"{group}/{key} differs"
+    exported = load_file(run_dir / "final_model" / "adapter_model.safetensors")
+    for key, tensor in load_file(
+        baseline["dir"] / "final_model" / "adapter_model.safetensors"
+    ).items():
+        assert torch.equal(exported[key], tensor), key
+    loss = history(client, run.info.run_id, "train/loss")
+    assert [s for s, _ in loss] == list(range(1, STEPS + 1)), "a step missing or logged twice"
+    assert loss == baseline["loss"]
+    assert session_info(run_dir)["status"] == "completed"
+
+
+def finish(tmp_path: Path, store: str, run_dir: Path) -> str:
+    out = run_train(tmp_path, store, run_dir, *OVERRIDES)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out.stdout + out.stderr
+
+
+def test_retention_keeps_exactly_keep_rolling_locally_and_in_mlflow(baseline):
+    local = sorted(p.name for p in (baseline["dir"] / "checkpoints").iterdir())
+    expected = [
+        "final-step00000048",
+        "rolling-step00000040",
+        "rolling-step00000044",
+        "rolling-step00000048",
+    ]
+    assert local == expected
+    arts = baseline["client"].list_artifacts(baseline["run"].info.run_id, "checkpoints")
+    assert sorted(a.path.rsplit("/", 1)[-1] for a in arts) == expected
+    assert baseline["run"].data.tags["so8t.checkpoint.latest"] == "final-step00000048"
+
+
+def test_sigkill_at_several_points_then_restart_equals_uninterrupted(tmp_path, store, baseline):
+    run_dir = tmp_path / "run"
+    rng = random.Random(7)
+    for target in (5, 18, 33):
+        proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+        wait_for(
+            lambda t=target: session_info(run_dir).get("current_step", 0) >= t,
+            what=f"step {target}",
+            proc=proc,
+        )
+        time.sleep(rng.uniform(0, 0.2))  # not always right after a checkpoint
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(30) == -signal.SIGKILL
+    _client, run = only_run(store)
+    assert run.info.status == "RUNNING"  # MLflow cannot know the process died
+    finish(tmp_path, store, run_dir)
+    assert_same_as_baseline(run_dir, store, baseline)
+    assert session_info(run_dir)["resumes"] == 3
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_gives_emergency_checkpoint_and_killed(tmp_path, store, baseline, sig):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 6, proc=proc, what="step 6")
+    proc.send_signal(sig)
+    assert proc.wait(60) == 128 + sig
+    client, run = only_run(store)
+    assert run.info.status == "KILLED"
+    info = session_info(run_dir)
+    assert info["status"] == "interrupted"
+    emergency = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("emergency")]
+    assert len(emergency) == 1 and verify(emergency[0]) is None
+    assert info["checkpoints"][0] == emergency[0].name
+    step = int(emergency[0].name.rsplit("step", 1)[1])
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(
+        range(1, step + 1)
+    )
+    finish(tmp_path, store, run_dir)
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_exception_gives_failed_and_emergency_checkpoint(tmp_path, store, baseline):
+    run_dir = tmp_path / "run"
+    env = subprocess_env(tmp_path, SO8T_FAULT_FAIL_AT_STEP="10")
+    out = run_train(tmp_path, store, run_dir, *OVERRIDES, env=env)
+    assert out.returncode == 1
+    assert "fault injection" in out.stderr + out.stdout
+    _client, run = only_run(store)
+    assert run.info.status == "FAILED"
+    assert session_info(run_dir)["status"] == "failed"
+    assert verify(run_dir / "checkpoints" / "emergency-step00000009") is None
+    finish(tmp_path, store, run_dir)
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_corrupt_newest_checkpoints_fall_back_to_previous_valid(tmp_path, store, baseline):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 13, proc=proc, what="step 13")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    ckpts = sorted((run_dir / "checkpoints").iterdir(), key=lambda p: int(p.name[-8:]))
+    assert ckpts[-1].name.startswith("emergency") and len(ckpts) >= 3
+    weights = ckpts[-1] / "weights.safetensors"  # bit flip in the newest
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01
+    weights.write_bytes(bytes(data))
+    (ckpts[-2] / "manifest.json").unlink()  # the one before it loses its manifest
+    log = finish(tmp_path, store, run_dir)
+    assert f"skipping checkpoint {ckpts[-1]}" in log and f"skipping checkpoint {ckpts[-2]}" in log
+    assert f"continuing from step {int(ckpts[-3].name[-8:])}" in log
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_kill_during_checkpoint_write_leaves_earlier_ones_valid(tmp_path, store, baseline):
+    run_dir = tmp_path / "run"
+    env = subprocess_env(tmp_path, SO8T_FAULT_CHECKPOINT_PAUSE="2")
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES, env=env)
+    ckpt_dir = run_dir / "checkpoints"
+    wait_for(
+        lambda: any(
+            p.name.startswith(".tmp-rolling-step00000008") for p in ckpt_dir.glob(".tmp-*")
+        ),
+        proc=proc,
+        what="second write",
+    )
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    assert verify(ckpt_dir / "rolling-step00000004") is None
+    assert not (ckpt_dir / "rolling-step00000008").exists()
+    finish(tmp_path, store, run_dir)
+    assert not list(ckpt_dir.glob(".tmp-*"))
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_deleted_session_folder_resumes_from_mlflow_artifacts(tmp_path, store, baseline):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 12, proc=proc, what="step 12")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    shutil.rmtree(run_dir)
+    log = finish(tmp_path, store, run_dir)
+    assert "from MLflow artifacts" in log
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_changed_config_is_refused_with_the_differing_keys(tmp_path, store):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 4, proc=proc, what="step 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    out = run_train(tmp_path, store, run_dir, *OVERRIDES, "trainer.optimizer.lr=0.5", "seed=3")
+    assert out.returncode == 2
+    assert "trainer.optimizer.lr" in out.stderr and "seed" in out.stderr
+    assert "checkpoint.allow_config_change=true" in out.stderr
+    _client, run = only_run(store)
+    assert run.info.status == "RUNNING"  # untouched: refused before re-attaching
+    out = run_train(
+        tmp_path,
+        store,
+        run_dir,
+        *OVERRIDES,
+        "trainer.optimizer.lr=0.5",
+        "checkpoint.allow_config_change=true",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
