@@ -58,7 +58,10 @@ class Checkpointer:
     def rolling_due(self, step: int, train_seconds: float) -> bool:
         if step <= self.last_save_step:
             return False
-        by_steps = self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+        # "At least N steps since the last one" (not step % N): a save postponed because
+        # the worker was busy happens at the next step.
+        n = self.cfg.every_n_steps
+        by_steps = n > 0 and step - max(self.last_save_step, 0) >= n
         by_time = (
             self.cfg.interval_seconds > 0
             and train_seconds - self.last_save_seconds >= self.cfg.interval_seconds
