@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv in the checkout and install so8t_exp (editable) with its test tools.
+# PyTorch is installed first and pinned, so pip does not pull a multi-GB build on its own;
+# set SO8T_TORCH to choose another (e.g. a CUDA build: SO8T_TORCH="torch --index-url ...").
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python3 -m venv .venv
+py=.venv/bin/python
+if ! "$py" -c "import torch" 2>/dev/null; then
+  # shellcheck disable=SC2086
+  "$py" -m pip install -q ${SO8T_TORCH:-torch==2.13.0}
+fi
+"$py" -m pip install -q -e ".[dev]"
+echo "so8t_exp installed in $root/.venv"
