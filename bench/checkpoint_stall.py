@@ -30,10 +30,18 @@ from so8t_exp.config import CheckpointConfig
 
 
 def build(hidden: int, layers: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
-    cfg = Phi3Config(vocab_size=2048, hidden_size=hidden, intermediate_size=4 * hidden,
-                     num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                     num_key_value_heads=hidden // 64, max_position_embeddings=256,
-                     pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg = Phi3Config(
+        vocab_size=2048,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 64,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     torch.manual_seed(0)
     model = Phi3ForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -57,8 +65,14 @@ def sync_save(model, opt, path: Path) -> float:
 def blocked_save(ckpt: Checkpointer, model, opt, sched, step: int) -> float:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started = time.perf_counter()
-    payload = capture(params=dict(model.named_parameters()), optimizer=opt, scheduler=sched,
-                      scaler=scaler, rng=RNGState.now(), state={"progress": {"step": step}})
+    payload = capture(
+        params=dict(model.named_parameters()),
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        rng=RNGState.now(),
+        state={"progress": {"step": step}},
+    )
     ckpt.save("rolling", step, payload)
     blocked = time.perf_counter() - started
     ckpt.drain()  # the next save would wait for this one anyway; keep them separate
@@ -75,8 +89,13 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        ckpt = Checkpointer(root / "ckpt", CheckpointConfig(keep=2), None, lambda *a: None,
-                            lambda name, err: print("save failed:", name, err))
+        ckpt = Checkpointer(
+            root / "ckpt",
+            CheckpointConfig(keep=2),
+            None,
+            lambda *a: None,
+            lambda name, err: print("save failed:", name, err),
+        )
         sync, blocked = [], []
         for i in range(args.repeats):  # interleaved, so drift hits both alike
             sync.append(sync_save(model, opt, root / f"sync-{i}.pt"))
@@ -87,10 +106,16 @@ def main() -> None:
     print(f"synchronous torch.save     {sync_med * 1000:8.1f} ms  (median of {len(sync)})")
     print(f"so8t_exp blocked per save  {blocked_med * 1000:8.1f} ms  (median of {len(blocked)})")
     print(f"checkpoint_stall_ratio     {ratio:8.3f}")
-    print(json.dumps({"params_millions": round(n_params / 1e6, 1),
-                      "sync_save_seconds": round(sync_med, 4),
-                      "blocked_seconds": round(blocked_med, 4),
-                      "checkpoint_stall_ratio": round(ratio, 4)}))
+    print(
+        json.dumps(
+            {
+                "params_millions": round(n_params / 1e6, 1),
+                "sync_save_seconds": round(sync_med, 4),
+                "blocked_seconds": round(blocked_med, 4),
+                "checkpoint_stall_ratio": round(ratio, 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

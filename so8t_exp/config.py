@@ -132,6 +132,12 @@ class ProgressConfig:
 
 
 @dataclass
+class SessionConfig:
+    heartbeat_seconds: float = 30.0  # MLflow tag so8t.heartbeat, read by the resume launcher
+    lock_wait_seconds: float = 0.0  # wait this long for the session lock (launcher sets 30)
+
+
+@dataclass
 class NotifyConfig:
     notifiers: dict[str, Any] = field(default_factory=dict)  # name -> _target_ node
 
@@ -146,11 +152,35 @@ class TrainConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     notify: NotifyConfig = field(default_factory=NotifyConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
+    session: SessionConfig = field(default_factory=SessionConfig)
+
+
+@dataclass
+class ResumeConfig:
+    dry_run: bool = False  # print the decision for every candidate, launch nothing
+    run_id: str | None = None  # resume this run only
+    all: bool = False  # resume every resumable run, one after another
+    start_new_if_none: bool = False  # nothing resumable: start a fresh default run
+    experiments: list[str] = field(default_factory=list)  # default: [tracking.experiment]
+    max_attempts: int = 3  # resumes without progress in step before a run is given up
+    stale_after_seconds: float = 300.0  # heartbeat age that means dead (other hosts)
+    max_age_hours: float = 168.0  # older sessions are expired, not resumed
+    claim_grace_seconds: float = 120.0  # a fresh claim by another launcher is respected
+    log_dir: str | None = None  # trainer output; default <session>/resume_logs
+
+
+@dataclass
+class ResumeAppConfig:
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
 def register_schemas() -> None:
-    """Store the schemas; ``conf/train.yaml`` merges its groups onto ``train_schema``."""
+    """Store the schemas; ``conf/train.yaml`` merges its groups onto ``train_schema``,
+    ``conf/resume.yaml`` onto ``resume_schema``."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    ConfigStore.instance().store(name="resume_schema", node=ResumeAppConfig)
 
 
 register_schemas()

@@ -23,6 +23,7 @@ _IGNORED = (
     "notify.",
     "progress.",
     "checkpoint.",
+    "session.",
     "trainer.progress_bar",
     "trainer.device",
     "trainer.log_every_n_steps",

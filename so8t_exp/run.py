@@ -23,6 +23,7 @@ from so8t_exp.config import validate
 from so8t_exp.evaluate import evaluate
 from so8t_exp.export import export_final
 from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
+from so8t_exp.lock import SessionLock
 from so8t_exp.progress_bar import ProgressBar
 from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
@@ -75,6 +76,15 @@ class TrainingRun:
     def execute(self) -> int:
         # Bad data fails here, before anything is created in MLflow or on disk.
         self.dataset = data.load_dataset(self.cfg.data)
+        # Held until this process ends, however it ends: a second trainer (or a resume
+        # launcher) on this folder sees it and leaves the session alone.
+        lock = SessionLock(self.session_dir).acquire(wait=self.cfg.session.lock_wait_seconds)
+        try:
+            return self._attach_and_run()
+        finally:
+            lock.release()
+
+    def _attach_and_run(self) -> int:
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
         info = self.session.load()
         if info is not None and info.status == "completed":
@@ -122,6 +132,7 @@ class TrainingRun:
         self.tracker.set_tags(
             {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
         )
+        self.tracker.heartbeat()
         self.tracker.log_params(self.params())
         if self.hydra_dir and self.hydra_dir.is_dir():
             self.tracker.log_artifacts(self.hydra_dir, "hydra")
@@ -206,8 +217,12 @@ class TrainingRun:
                 self.tracker.log_metrics,
                 self._state_for_monitor,
                 self.session_dir,
-                self.cfg.tracking.system_stats_interval_seconds,
-                self.cfg.progress.interval_seconds,
+                {
+                    "stats": self.cfg.tracking.system_stats_interval_seconds,
+                    "progress": self.cfg.progress.interval_seconds,
+                    "heartbeat": self.cfg.session.heartbeat_seconds,
+                },
+                self.tracker.heartbeat,
             ).start()
             self._loop(stop)
             if stop.requested:
@@ -298,7 +313,13 @@ class TrainingRun:
             checkpoints=self.checkpointer.local_names(),
             last_checkpoint_time=now_iso(),
         )
-        self.tracker.set_tags({"so8t.checkpoint.latest": name, "so8t.checkpoint.latest_step": step})
+        self.tracker.set_tags(
+            {
+                "so8t.checkpoint.latest": name,
+                "so8t.checkpoint.latest_step": step,
+                "so8t.checkpoint.latest_time": f"{time.time():.3f}",
+            }
+        )
 
     def _save_failed(self, name: str, err: Exception) -> None:
         self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {name}: {err}")

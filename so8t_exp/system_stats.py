@@ -72,22 +72,26 @@ class SystemSampler:
 
 
 class Monitor:
-    """Every ``stats_interval`` s logs system figures through ``log_metrics``; every
-    ``progress_interval`` s appends a JSON line with system and training figures to
-    ``<session>/progress_logs/progress.jsonl``. ``training_state`` returns the latter."""
+    """Periodic background work beside training, each task on its own interval:
+    system figures through ``log_metrics``; a JSON line of system and training figures in
+    ``<session>/progress_logs/progress.jsonl``; and the liveness ``heartbeat``."""
 
     def __init__(
         self,
         log_metrics: Callable[[dict, int], None],
         training_state: Callable[[], dict],
         session_dir: Path,
-        stats_interval: float,
-        progress_interval: float,
+        intervals: dict[str, float],
+        heartbeat: Callable[[int], None],
     ) -> None:
         self.log_metrics, self.training_state = log_metrics, training_state
         self.progress_file = session_dir / "progress_logs" / "progress.jsonl"
-        self.stats_interval, self.progress_interval = stats_interval, progress_interval
         self.sampler = SystemSampler()
+        self.tasks = {
+            "stats": (intervals["stats"], self.log_stats),
+            "progress": (intervals["progress"], self.write_progress),
+            "heartbeat": (intervals["heartbeat"], lambda: heartbeat(training_state()["step"])),
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="so8t-monitor", daemon=True)
 
@@ -96,19 +100,19 @@ class Monitor:
         return self
 
     def _run(self) -> None:
-        next_stats = next_progress = time.monotonic()
+        due = dict.fromkeys(self.tasks, time.monotonic())
         while not self._stop.is_set():
-            now = time.monotonic()
-            try:
-                if now >= next_stats:
-                    self.log_metrics(self.sampler.sample(), self.training_state()["step"])
-                    next_stats = now + self.stats_interval
-                if now >= next_progress:
-                    self.write_progress()
-                    next_progress = now + self.progress_interval
-            except Exception as err:  # monitoring must never stop training
-                log.warning("system monitor: %s", err)
-            self._stop.wait(max(0.05, min(next_stats, next_progress) - time.monotonic()))
+            for name, (interval, task) in self.tasks.items():
+                if time.monotonic() >= due[name]:
+                    due[name] = time.monotonic() + interval
+                    try:
+                        task()
+                    except Exception as err:  # monitoring must never stop training
+                        log.warning("monitor %s: %s", name, err)
+            self._stop.wait(max(0.05, min(due.values()) - time.monotonic()))
+
+    def log_stats(self) -> None:
+        self.log_metrics(self.sampler.sample(), self.training_state()["step"])
 
     def write_progress(self) -> None:
         line = {

@@ -19,8 +19,14 @@ from omegaconf import DictConfig
 
 from so8t_exp.config import ConfigError
 from so8t_exp.data import DataError
+from so8t_exp.lock import SessionLocked
 from so8t_exp.paths import config_dir
 from so8t_exp.run import run_training
+
+EXIT_BAD_INPUT = 2  # a config key/value or a data line is wrong (the message names it)
+EXIT_LOCKED = 3  # the session folder is in use by another live process
+# An interrupted run exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM);
+# a failed one with 1.
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
@@ -32,7 +38,10 @@ def _app(cfg: DictConfig) -> int:
     except (ConfigError, DataError) as err:
         # A bad config or data line: one clear line, no traceback, nothing started.
         print(f"error: {err}", file=sys.stderr)
-        code = 2
+        code = EXIT_BAD_INPUT
+    except SessionLocked as err:
+        print(f"error: {err}", file=sys.stderr)
+        code = EXIT_LOCKED
     # Hydra drops the return value; a single run reports it as the exit code, while a
     # sweep goes on to its next job.
     if code and hc.mode == RunMode.RUN:

@@ -31,6 +31,7 @@ _SECRET_VALUE = re.compile(r"^(sk-|xox[abpr]-|ghp_|hf_)|://[^/\s]*:[^/\s]*@|[?&]
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 _MAX_PARAMS = 100  # ... and of params
 CHECKPOINT_ARTIFACTS = "checkpoints"
+HEARTBEAT_TAG = "so8t.heartbeat"
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -239,6 +240,17 @@ class Tracker:
             "so8t.pid": os.getpid(),
             "so8t.session_dir": str(session_dir.resolve()),
         }
+
+    def heartbeat(self, step: int | None = None) -> None:
+        """Liveness for launchers on other hosts: a timestamp, host, PID and step as tags."""
+        self.set_tags(
+            {
+                HEARTBEAT_TAG: f"{time.time():.3f}",
+                "so8t.step": step,
+                "so8t.host": socket.gethostname(),
+                "so8t.pid": os.getpid(),
+            }
+        )
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.metrics is not None:

@@ -1,0 +1,137 @@
+"""Runs as the resume launcher and the sessions CLI see them: search, read, tag, claim."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from so8t_exp.tracking.core import HEARTBEAT_TAG, resolve_tracking_uri
+
+log = logging.getLogger(__name__)
+
+# Tags the launcher keeps on a run (the trainer writes heartbeat/step/checkpoint ones).
+GIVEN_UP = "so8t.given_up"
+EXPIRED = "so8t.expired"
+RESUME_COUNT = "so8t.resume.count"  # resumes ever made
+ATTEMPTS = "so8t.resume.attempts"  # consecutive resumes without progress in step
+LAST_STEP = "so8t.resume.last_step"  # newest checkpoint step at the last resume
+CLAIM_TIME = "so8t.resume.claim_time"
+CLAIM_BY = "so8t.resume.claim_by"
+
+
+@dataclass
+class RunRecord:
+    run_id: str
+    name: str
+    experiment: str
+    status: str
+    start_time: float  # seconds
+    tags: dict[str, str] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+
+    def tag_float(self, key: str, default: float | None = None) -> float | None:
+        try:
+            return float(self.tags[key])
+        except (KeyError, ValueError):
+            return default
+
+    @property
+    def session_dir(self) -> Path | None:
+        value = self.tags.get("so8t.session_dir")
+        return Path(value) if value else None
+
+    @property
+    def heartbeat(self) -> float:
+        """Last sign of life: the heartbeat tag, else the run's start time."""
+        return self.tag_float(HEARTBEAT_TAG, self.start_time)
+
+    @property
+    def checkpoint_step(self) -> int:
+        return int(self.tag_float("so8t.checkpoint.latest_step", 0) or 0)
+
+
+class RunRegistry:
+    def __init__(self, uri: str | None) -> None:
+        self.uri = resolve_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=self.uri)
+
+    def _record(self, run, experiment: str) -> RunRecord:
+        return RunRecord(
+            run_id=run.info.run_id,
+            name=run.info.run_name or "",
+            experiment=experiment,
+            status=run.info.status,
+            start_time=(run.info.start_time or 0) / 1000,
+            tags=dict(run.data.tags),
+            params=dict(run.data.params),
+        )
+
+    def runs(self, experiments: list[str], unfinished_only: bool = True) -> list[RunRecord]:
+        """Runs of ``experiments``, newest first."""
+        exps = {
+            e.experiment_id: e.name
+            for name in experiments
+            if (e := self.client.get_experiment_by_name(name)) is not None
+        }
+        if not exps:
+            return []
+        query = "attributes.status != 'FINISHED'" if unfinished_only else ""
+        out, token = [], None
+        while True:
+            page = self.client.search_runs(
+                list(exps),
+                query,
+                max_results=1000,
+                order_by=["attributes.start_time DESC"],
+                page_token=token,
+            )
+            out += [self._record(r, exps[r.info.experiment_id]) for r in page]
+            token = page.token
+            if not token:
+                return out
+
+    def get(self, run_id: str) -> RunRecord:
+        run = self.client.get_run(run_id)
+        return self._record(run, self.client.get_experiment(run.info.experiment_id).name)
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(run_id, key, str(value))
+
+    def claim(self, run_id: str, number: int, claimant: str) -> bool:
+        """Atomically claim resume number ``number`` of a run.
+
+        MLflow params are write-once: the first launcher to log ``so8t.resume.claim.<n>``
+        wins, every other one gets an error. That works across hosts, where no file lock
+        is shared.
+        """
+        try:
+            self.client.log_param(run_id, f"so8t.resume.claim.{number}", claimant)
+        except MlflowException as err:
+            log.info("claim %d of run %s lost: %s", number, run_id, err.message[:120])
+            return False
+        self.set_tags(
+            run_id, {RESUME_COUNT: number, CLAIM_TIME: f"{time.time():.3f}", CLAIM_BY: claimant}
+        )
+        return (
+            self.client.get_run(run_id).data.params.get(f"so8t.resume.claim.{number}") == claimant
+        )
+
+    def recorded_overrides(self, run: RunRecord) -> list[str]:
+        """The Hydra task overrides the run was started with (from its session folder, else
+        from its ``hydra/overrides.yaml`` artifact)."""
+        local = run.session_dir / ".hydra" / "overrides.yaml" if run.session_dir else None
+        if local is not None and local.is_file():
+            return list(yaml.safe_load(local.read_text(encoding="utf-8")) or [])
+        try:
+            text = self.client.download_artifacts(run.run_id, "hydra/overrides.yaml")
+            return list(yaml.safe_load(Path(text).read_text(encoding="utf-8")) or [])
+        except Exception as err:
+            log.warning("run %s: no recorded overrides (%s); using none", run.run_id, err)
+            return []
