@@ -1,0 +1,236 @@
+"""The resume launcher's choice among prepared runs in a real sqlite store, and its claim."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from so8t_exp.config import ResumeConfig
+from so8t_exp.launcher import Launcher, judge
+from so8t_exp.lock import SessionLock, SessionLocked, is_locked
+from so8t_exp.notify import Notifiers
+from so8t_exp.tracking.runs import GIVEN_UP, RunRegistry
+
+
+class Recorder:
+    """A notifier that remembers what it was told (a real object, not a mock)."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def notify(self, event: str, message: str) -> None:
+        self.events.append((event, message))
+
+
+def make_run(
+    client: MlflowClient,
+    tmp_path: Path,
+    name: str,
+    status: str,
+    *,
+    folder: bool = True,
+    heartbeat_age: float = 600,
+    host: str | None = None,
+    **tags,
+) -> str:
+    exp = client.get_experiment_by_name("so8t") or client.create_experiment("so8t")
+    exp_id = exp if isinstance(exp, str) else exp.experiment_id
+    run = client.create_run(exp_id, run_name=name)
+    session = tmp_path / name
+    if folder:
+        session.mkdir()
+    all_tags = {
+        "so8t.session_dir": str(session),
+        "so8t.host": host or socket.gethostname(),
+        "so8t.heartbeat": f"{time.time() - heartbeat_age:.3f}",
+        **tags,
+    }
+    for key, value in all_tags.items():
+        client.set_tag(run.info.run_id, key, str(value))
+    if status != "RUNNING":
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+@pytest.fixture
+def holder(tmp_path: Path):
+    """A real other process holding a session lock."""
+    procs = []
+
+    def _hold(folder: Path) -> subprocess.Popen:
+        code = (
+            "import sys, time; from pathlib import Path; from so8t_exp.lock import "
+            "SessionLock; lock = SessionLock(Path(sys.argv[1])).acquire(); print('ok', flush=True);"
+            " time.sleep(120)"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "ok"
+        procs.append(proc)
+        return proc
+
+    yield _hold
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_launcher_choices_among_prepared_runs(tmp_path: Path, store: str, holder):
+    client = MlflowClient(store)
+    ids = {
+        "finished": make_run(client, tmp_path, "finished", "FINISHED"),
+        "dead_running": make_run(client, tmp_path, "dead_running", "RUNNING", heartbeat_age=1),
+        "live_running": make_run(client, tmp_path, "live_running", "RUNNING"),
+        "killed": make_run(client, tmp_path, "killed", "KILLED"),
+        "failed_within": make_run(
+            client,
+            tmp_path,
+            "failed_within",
+            "FAILED",
+            **{
+                "so8t.resume.attempts": 2,
+                "so8t.resume.last_step": 40,
+                "so8t.checkpoint.latest_step": 40,
+            },
+        ),
+        "failed_past": make_run(
+            client,
+            tmp_path,
+            "failed_past",
+            "FAILED",
+            **{
+                "so8t.resume.attempts": 3,
+                "so8t.resume.last_step": 40,
+                "so8t.checkpoint.latest_step": 40,
+            },
+        ),
+        "progressed": make_run(
+            client,
+            tmp_path,
+            "progressed",
+            "FAILED",
+            **{
+                "so8t.resume.attempts": 3,
+                "so8t.resume.last_step": 40,
+                "so8t.checkpoint.latest_step": 48,
+            },
+        ),
+        "expired": make_run(client, tmp_path, "expired", "KILLED", heartbeat_age=200 * 3600),
+        "given_up": make_run(client, tmp_path, "given_up", "KILLED", **{GIVEN_UP: "user"}),
+        "remote_fresh": make_run(
+            client,
+            tmp_path,
+            "remote_fresh",
+            "RUNNING",
+            folder=False,
+            host="other-host",
+            heartbeat_age=10,
+        ),
+        "remote_stale": make_run(
+            client,
+            tmp_path,
+            "remote_stale",
+            "RUNNING",
+            folder=False,
+            host="other-host",
+            heartbeat_age=3600,
+        ),
+    }
+    holder(tmp_path / "live_running")
+    cfg = ResumeConfig(max_attempts=3, stale_after_seconds=300, max_age_hours=168)
+    decisions = {
+        d.run.name: d for d in (judge(r, cfg) for r in RunRegistry(store).runs(["so8t"], False))
+    }
+    expect = {
+        "finished": "skip",
+        "dead_running": "resume",
+        "live_running": "skip",
+        "killed": "resume",
+        "failed_within": "resume",
+        "failed_past": "give_up",
+        "progressed": "resume",
+        "expired": "expire",
+        "given_up": "skip",
+        "remote_fresh": "skip",
+        "remote_stale": "resume",
+    }
+    assert {n: d.action for n, d in decisions.items()} == expect
+    assert "holds the lock" in decisions["live_running"].reason
+    assert "PID" in decisions["live_running"].reason
+    assert decisions["failed_within"].attempt == 3 and decisions["progressed"].attempt == 1
+    assert "other-host" in decisions["remote_fresh"].reason
+    assert {d.state for n, d in decisions.items() if n in ("killed", "dead_running")} == {"dead"}
+    assert decisions["live_running"].state == "alive"
+    # unfinished runs only, newest first
+    unfinished = RunRegistry(store).runs(["so8t"])
+    assert [r.name for r in unfinished][0] == "remote_stale"
+    assert "finished" not in {r.name for r in unfinished}
+
+    recorder = Recorder()
+    launcher = Launcher(cfg, store, ["so8t"], Notifiers({"rec": recorder}))
+    for d in decisions.values():
+        launcher.record(d)
+    assert client.get_run(ids["failed_past"]).data.tags[GIVEN_UP].startswith("3 resumes")
+    assert client.get_run(ids["expired"]).data.tags["so8t.expired"]
+    assert [e for e, _ in recorder.events] == ["given_up"]
+    again = judge(RunRegistry(store).get(ids["failed_past"]), cfg)
+    assert again.action == "skip" and again.state == "given-up"
+
+
+def test_claim_is_won_by_exactly_one_of_many(tmp_path: Path, store: str):
+    client = MlflowClient(store)
+    run_id = make_run(client, tmp_path, "contested", "KILLED")
+    results: list[bool] = []
+    start = threading.Barrier(6)
+
+    def claim(i: int) -> None:
+        registry = RunRegistry(store)
+        start.wait()
+        results.append(registry.claim(run_id, 1, f"launcher-{i}"))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False] * 5 + [True]
+    tags = client.get_run(run_id).data.tags
+    assert tags["so8t.resume.count"] == "1"
+
+
+def test_fresh_claim_is_respected(tmp_path: Path, store: str):
+    client = MlflowClient(store)
+    run_id = make_run(
+        client,
+        tmp_path,
+        "claimed",
+        "KILLED",
+        **{"so8t.resume.claim_time": f"{time.time() - 5:.3f}", "so8t.resume.claim_by": "x:1"},
+    )
+    decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=120))
+    assert decision.action == "skip" and "being resumed by x:1" in decision.reason
+    decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=1))
+    assert decision.action == "resume"
+
+
+def test_session_lock_is_exclusive_and_names_the_holder(tmp_path: Path, holder):
+    folder = tmp_path / "s"
+    assert not is_locked(folder)
+    proc = holder(folder)
+    assert is_locked(folder)
+    with pytest.raises(SessionLocked, match=f"PID {proc.pid}"):
+        SessionLock(folder).acquire()
+    proc.kill()
+    proc.wait()
+    assert not is_locked(folder)  # the OS released it when the holder died
+    with SessionLock(folder) as lock:
+        assert lock.held and is_locked(folder)
+    assert not is_locked(folder)

@@ -1,0 +1,158 @@
+"""``python -m so8t_exp.resume`` end to end: real trainers killed with real signals."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import (
+    history,
+    only_run,
+    run_train,
+    session_info,
+    start_train,
+    subprocess_env,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+STEPS = 40
+OVERRIDES = ("+experiment=smoke", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=4")
+
+
+def resume_cmd(store: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "so8t_exp.resume", f"tracking.uri={store}", *overrides]
+
+
+def run_resume(tmp_path: Path, store: str, *overrides: str, env=None, cwd=None):
+    return subprocess.run(
+        resume_cmd(store, *overrides),
+        cwd=cwd or tmp_path,
+        env=env or subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def killed_run(tmp_path: Path, store: str, at_step: int = 8, sig=signal.SIGKILL) -> Path:
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(
+        lambda: session_info(run_dir).get("current_step", 0) >= at_step,
+        proc=proc,
+        what=f"step {at_step}",
+    )
+    proc.send_signal(sig)
+    proc.wait(60)
+    return run_dir
+
+
+def assert_finished_once(store: str, run_id: str) -> None:
+    client, run = only_run(store)
+    assert run.info.run_id == run_id and run.info.status == "FINISHED"
+    steps = [s for s, _ in history(client, run_id, "train/loss")]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def test_sigkilled_run_is_finished_by_the_launcher_from_another_directory(tmp_path, store):
+    run_dir = killed_run(tmp_path, store)
+    run_id = session_info(run_dir)["session_id"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dry = run_resume(tmp_path, store, "resume.dry_run=true", cwd=elsewhere)
+    assert dry.returncode == 0 and f"{run_id}" in dry.stdout and "resume" in dry.stdout
+    out = run_resume(tmp_path, store, cwd=elsewhere)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_finished_once(store, run_id)
+    logs = list((run_dir / "resume_logs").glob("train_*.log"))
+    assert logs and "finished" in logs[0].read_text()
+    again = run_resume(tmp_path, store)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
+    run_dir = killed_run(tmp_path, store, at_step=12)
+    run_id = session_info(run_dir)["session_id"]
+    shutil.rmtree(run_dir)
+    out = run_resume(tmp_path, store)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "from MLflow artifacts" in out.stdout + out.stderr
+    assert_finished_once(store, run_id)
+
+
+def test_two_launchers_at_once_resume_the_run_once(tmp_path, store):
+    run_dir = killed_run(tmp_path, store)
+    run_id = session_info(run_dir)["session_id"]
+    env = subprocess_env(tmp_path)
+    procs = [
+        subprocess.Popen(
+            resume_cmd(store),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sum("launching:" in o for o in outputs) == 1, outputs
+    client, run = only_run(store)
+    claims = [k for k in run.data.params if k.startswith("so8t.resume.claim.")]
+    assert claims == ["so8t.resume.claim.1"]
+    assert_finished_once(store, run_id)
+
+
+def test_live_run_is_never_resumed_and_a_second_trainer_refuses(tmp_path, store):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=100000")
+    try:
+        wait_for(
+            lambda: (
+                session_info(run_dir).get("current_step", 0) >= 1
+                or (run_dir / ".so8t.lock.json").exists()
+            ),
+            proc=proc,
+            what="trainer start",
+        )
+        wait_for(lambda: "session_id" in session_info(run_dir), proc=proc, what="session")
+        out = run_resume(tmp_path, store, "resume.dry_run=true")
+        assert out.returncode == 0 and "alive" in out.stdout and f"PID {proc.pid}" in out.stdout
+        out = run_resume(tmp_path, store)
+        assert out.returncode == 0 and "nothing to resume" in out.stdout
+        out = run_resume(tmp_path, store, f"resume.run_id={session_info(run_dir)['session_id']}")
+        assert out.returncode == 4 and "not resumable" in out.stderr
+        second = run_train(
+            tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=100000"
+        )
+        assert second.returncode == 3
+        assert f"in use by PID {proc.pid}" in second.stderr
+        assert proc.poll() is None  # the live trainer was left alone
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    _client, run = only_run(store)
+    assert run.info.status == "KILLED"
+
+
+def test_crash_loop_is_given_up(tmp_path, store):
+    env = subprocess_env(tmp_path, SO8T_FAULT_FAIL_AT_STEP="6")
+    first = run_train(tmp_path, store, tmp_path / "run", *OVERRIDES, env=env)
+    assert first.returncode == 1
+    out = run_resume(tmp_path, store, "resume.max_attempts=1", env=env)
+    assert out.returncode == 1  # the resumed trainer failed again at the same step
+    out = run_resume(tmp_path, store, "resume.max_attempts=1", env=env)
+    assert out.returncode == 0 and "give_up" in out.stdout
+    assert "given_up" in out.stderr  # the console notifier
+    _client, run = only_run(store)
+    assert run.info.status == "FAILED" and run.data.tags["so8t.given_up"]
+    out = run_resume(tmp_path, store, env=env)
+    assert "nothing to resume" in out.stdout
