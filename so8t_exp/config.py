@@ -114,6 +114,7 @@ class CheckpointConfig:
     save_full_model: bool = False
     allow_config_change: bool = False
     mirror_to_mlflow: bool = True
+    mirror_timeout_seconds: float = 300.0  # at the end, wait this long for the upload
 
 
 @dataclass

@@ -91,10 +91,13 @@ def play(wav: Path | None, backend: str | None = None) -> str:
         winsound.Beep(880, 300)
         return "beep"
     if backend != "bell" and have_file:
-        done = subprocess.run([backend, str(wav)], capture_output=True, timeout=30)
-        if done.returncode == 0:
-            return backend
-        log.warning("sound: %s exited %d", backend, done.returncode)
+        try:
+            done = subprocess.run([backend, str(wav)], capture_output=True, timeout=30)
+            if done.returncode == 0:
+                return backend
+            log.warning("sound: %s exited %d", backend, done.returncode)
+        except (OSError, subprocess.SubprocessError) as err:  # missing, hung, not runnable
+            log.warning("sound: %s failed: %s", backend, type(err).__name__)
     sys.stderr.write("\a")
     sys.stderr.flush()
     return "bell"
@@ -146,7 +149,8 @@ class WebhookNotifier:
             log.warning(
                 "webhook %s: attempt %d/%d failed (%s)", event, attempt, self.retries, problem
             )
-            time.sleep(min(2.0, 0.25 * 2**attempt))
+            if attempt < self.retries:
+                time.sleep(min(2.0, 0.25 * 2**attempt))
 
 
 class Notifiers:

@@ -99,13 +99,14 @@ class TrainingRun:
             log.info("the MLflow run of %s is already finished", self.session_dir)
             return 0
         self.tracker.run_id = run_id
-        mirror = self.tracker if self.cfg.checkpoint.mirror_to_mlflow else None
+        store = self.tracker if self.cfg.checkpoint.mirror_to_mlflow else None
         self.checkpointer = Checkpointer(
             self.session_dir / "checkpoints",
             self.cfg.checkpoint,
-            mirror,
+            store,
             self._saved,
             self._save_failed,
+            self._mirrored,
         )
         self.fingerprint = config_fingerprint(self.cfg)
         restored = self.checkpointer.newest() if run_id else None
@@ -313,6 +314,8 @@ class TrainingRun:
             checkpoints=self.checkpointer.local_names(),
             last_checkpoint_time=now_iso(),
         )
+
+    def _mirrored(self, name: str, step: int) -> None:
         self.tracker.set_tags(
             {
                 "so8t.checkpoint.latest": name,
@@ -327,6 +330,8 @@ class TrainingRun:
     def _complete(self) -> None:
         tr = self.trainer
         self._save("final", wait=True)
+        if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
+            log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
         folder = export_final(
             self.session_dir / "final_model",
             tr.params,
@@ -355,7 +360,8 @@ class TrainingRun:
                 self._save("emergency", wait=True)
             except Exception as err:
                 log.error("emergency checkpoint failed: %s", err)
-        self.checkpointer.drain()
+        # Short: Windows gives a closing console only seconds; the local copy is what counts.
+        self.checkpointer.drain_mirror(10.0)
         self.session.save(status=status)
         self.tracker.finish(mlflow_status)
         self.notify(

@@ -1,10 +1,10 @@
-"""When to save, the background writer, retention, and the MLflow mirror.
+"""When to save, the background writer, and local retention.
 
-The training thread hands over a host-memory :class:`Payload` and goes on; one worker
-thread writes it, verifies nothing is lost on the way (checksums in the manifest), prunes
-old rolling checkpoints locally and in MLflow, uploads the new one and reports it.
-Saves never overlap: a rolling save due while the worker is busy waits for the next step;
-emergency and final saves wait for the worker and then for their own write.
+The training thread hands over a host-memory :class:`Payload` and goes on; one writer
+thread writes it (checksums in the manifest), prunes old rolling checkpoints, reports it,
+and queues it for the MLflow mirror (:mod:`so8t_exp.checkpoint.mirror`, its own thread).
+Saves never overlap: a rolling save due while the writer is busy waits for the next step;
+emergency and final saves wait for the writer and then for their own write.
 """
 
 from __future__ import annotations
@@ -12,25 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 from so8t_exp.checkpoint import format as fmt
+from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, rolling_beyond_keep
 from so8t_exp.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
-
-
-class ArtifactMirror(Protocol):
-    """What the checkpointer needs from the tracking module."""
-
-    def upload_checkpoint(self, folder: Path) -> bool: ...
-    def delete_checkpoint(self, name: str) -> bool: ...
-    def list_checkpoints(self) -> list[str]: ...
-    def download_checkpoint(self, name: str, dest: Path) -> bool: ...
 
 
 class Checkpointer:
@@ -38,13 +28,18 @@ class Checkpointer:
         self,
         root: Path,
         cfg: CheckpointConfig,
-        mirror: ArtifactMirror | None,
+        store: ArtifactStore | None,
         on_saved: Callable[[str, int, str], None],
         on_failed: Callable[[str, Exception], None],
+        on_mirrored: Callable[[str, int], None] = lambda name, step: None,
     ) -> None:
-        self.root, self.cfg, self.mirror = root, cfg, mirror
+        """``store``: the MLflow artifact store (None: no copy); ``on_saved`` runs in the
+        writer thread once a checkpoint is on disk, ``on_mirrored`` in the mirror thread
+        once it is in MLflow (or would have been), ``on_failed`` when a write fails."""
+        self.root, self.cfg = root, cfg
         self.on_saved, self.on_failed = on_saved, on_failed
         self.root.mkdir(parents=True, exist_ok=True)
+        self.mirror = Mirror(root, store, cfg.keep, on_mirrored)
         fmt.remove_leftovers(self.root)
         self._idle = threading.Event()
         self._idle.set()
@@ -95,14 +90,18 @@ class Checkpointer:
         """Block until the save in flight (if any) has finished."""
         self._idle.wait()
 
+    def drain_mirror(self, timeout: float) -> bool:
+        """Wait (up to ``timeout`` s) until every saved checkpoint is copied to MLflow."""
+        self.drain()
+        return self.mirror.drain(timeout)
+
     def _write(self, name: str, kind: str, step: int, payload: fmt.Payload) -> None:
         try:
-            folder = fmt.write(self.root, name, payload, self._pause)
-            pruned = self._prune_local()
-            if self.mirror is not None and self.cfg.mirror_to_mlflow:
-                self.mirror.upload_checkpoint(folder)
-                self._prune_mirror(pruned)
+            fmt.write(self.root, name, payload, self._pause)
+            for doomed in rolling_beyond_keep(self.local_names(), self.cfg.keep):
+                shutil.rmtree(self.root / doomed, ignore_errors=True)
             self.on_saved(name, step, kind)
+            self.mirror.submit(name, step)
         except Exception as err:  # a failed save must not kill training; the next may work
             log.error("checkpoint %s failed: %s", name, err)
             shutil.rmtree(self.root / f".tmp-{name}-{os.getpid()}", ignore_errors=True)
@@ -110,62 +109,14 @@ class Checkpointer:
         finally:
             self._idle.set()
 
-    # -- retention --------------------------------------------------------------------
-    def _rolling_beyond_keep(self, names: list[str]) -> list[str]:
-        rolling = sorted(
-            (p for n in names if (p := fmt.parse_name(n)) and p[0] == "rolling"),
-            key=lambda p: p[1],
-            reverse=True,
-        )
-        return [fmt.checkpoint_name(kind, step) for kind, step in rolling[self.cfg.keep :]]
-
-    def _prune_local(self) -> list[str]:
-        names = [p.name for _s, _k, p in fmt.candidates(self.root)]
-        doomed = self._rolling_beyond_keep(names)
-        for name in doomed:
-            shutil.rmtree(self.root / name, ignore_errors=True)
-        return doomed
-
-    def _prune_mirror(self, pruned: list[str]) -> None:
-        remote = self.mirror.list_checkpoints()
-        for name in set(pruned + self._rolling_beyond_keep(remote)) & set(remote):
-            self.mirror.delete_checkpoint(name)
-
     def local_names(self) -> list[str]:
         return [p.name for _s, _k, p in fmt.candidates(self.root)]
 
     # -- load -------------------------------------------------------------------------
     def newest(self) -> tuple[Path, fmt.Payload] | None:
         """The newest valid checkpoint: local first, else downloaded from MLflow."""
-        folder = fmt.newest_valid(self.root)
-        if folder is None and self.mirror is not None:
-            folder = self._fetch_from_mirror()
+        folder = fmt.newest_valid(self.root) or self.mirror.fetch_newest()
         if folder is None:
             return None
         log.info("resuming from checkpoint %s", folder)
         return folder, fmt.read(folder)
-
-    def _fetch_from_mirror(self) -> Path | None:
-        remote = sorted(
-            (
-                (p[1], fmt.KINDS.index(p[0]), n)
-                for n in self.mirror.list_checkpoints()
-                if (p := fmt.parse_name(n))
-            ),
-            reverse=True,
-        )
-        for _step, _kind, name in remote:
-            with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-download-") as tmp:
-                staged = Path(tmp) / name
-                if not self.mirror.download_checkpoint(name, staged):
-                    continue
-                problem = fmt.verify(staged)
-                if problem:
-                    log.warning("skipping MLflow checkpoint %s: %s", name, problem)
-                    continue
-                target = self.root / name
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staged, target)
-                log.info("restored checkpoint %s from MLflow artifacts", name)
-                return target
-        return None

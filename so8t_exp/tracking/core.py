@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.paths import PACKAGE_DIR, default_tracking_uri
@@ -316,19 +316,20 @@ class Tracker:
             log.warning("MLflow: could not download checkpoint %s: %s", name, err)
             return False
 
-    def finish(self, status: str) -> None:
-        """Flush metrics and close the run as FINISHED, FAILED or KILLED."""
+    def finish(self, status: str, retry_seconds: float = 60.0) -> None:
+        """Flush metrics and close the run as FINISHED, FAILED or KILLED, retrying while the
+        tracking server is unreachable (a clean exit must not leave the run RUNNING)."""
         if self.metrics is not None:
             self.metrics.close()
             if self.metrics.dropped_on_close:
                 log.error("%d metric points could not be sent", self.metrics.dropped_on_close)
         assert status in ("FINISHED", "FAILED", "KILLED")
-        self.safely(
-            "end run",
-            self.client.set_terminated,
-            self.run_id,
-            RunStatus.to_string(RunStatus.from_string(status)),
-        )
+        deadline = time.monotonic() + retry_seconds
+        while not self.safely("end run", self.client.set_terminated, self.run_id, status):
+            if time.monotonic() > deadline:
+                log.error("run %s could not be marked %s", self.run_id, status)
+                return
+            time.sleep(2.0)
 
     @staticmethod
     def safely(what: str, fn: Callable, *args, **kwargs) -> bool:

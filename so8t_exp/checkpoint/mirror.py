@@ -1,0 +1,118 @@
+"""The MLflow copy of a session's checkpoints: an upload queue, retention, download.
+
+Uploads run in their own thread, after the local write: a slow or unreachable tracking
+server delays the copy, never the next local checkpoint. Only the newest pending upload
+matters, so a backlog collapses to it (plus the final one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from so8t_exp.checkpoint import format as fmt
+
+log = logging.getLogger(__name__)
+
+
+class ArtifactStore(Protocol):
+    """What the mirror needs from the tracking module."""
+
+    def upload_checkpoint(self, folder: Path) -> bool: ...
+    def delete_checkpoint(self, name: str) -> bool: ...
+    def list_checkpoints(self) -> list[str]: ...
+    def download_checkpoint(self, name: str, dest: Path) -> bool: ...
+
+
+def rolling_beyond_keep(names: list[str], keep: int) -> list[str]:
+    """Rolling checkpoint names past the newest ``keep`` (by step)."""
+    rolling = sorted(
+        (p[1] for n in names if (p := fmt.parse_name(n)) and p[0] == "rolling"), reverse=True
+    )
+    return [fmt.checkpoint_name("rolling", step) for step in rolling[keep:]]
+
+
+class Mirror:
+    def __init__(
+        self,
+        root: Path,
+        store: ArtifactStore | None,
+        keep: int,
+        on_mirrored: Callable[[str, int], None],
+    ) -> None:
+        self.root, self.store, self.keep, self.on_mirrored = root, store, keep, on_mirrored
+        self._pending: list[tuple[str, int]] = []
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread = threading.Thread(target=self._run, name="so8t-mirror", daemon=True)
+        self._thread.start()
+
+    def submit(self, name: str, step: int) -> None:
+        with self._cond:
+            # Older pending rolling uploads are superseded by this one.
+            self._pending = [(n, s) for n, s in self._pending if not n.startswith("rolling")]
+            self._pending.append((name, step))
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted upload is done; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                name, step = self._pending.pop(0)
+                self._busy = True
+            try:
+                self._mirror(name, step)
+            except Exception as err:  # the copy is best effort; the local one is the truth
+                log.warning("mirroring checkpoint %s failed: %s", name, err)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _mirror(self, name: str, step: int) -> None:
+        folder = self.root / name
+        if self.store is not None and folder.is_dir() and self.store.upload_checkpoint(folder):
+            remote = self.store.list_checkpoints()
+                for doomed in set(rolling_beyond_keep(remote, self.keep)) & set(remote):
+                    self.store.delete_checkpoint(doomed)
+        self.on_mirrored(name, step)
+
+    def fetch_newest(self) -> Path | None:
+        """Download the newest checkpoint that verifies into ``root``; None if none does.
+        An upload cut short by a kill lacks files or its manifest and never verifies."""
+        if self.store is None:
+            return None
+        remote = sorted(
+            (
+                (p[1], fmt.KINDS.index(p[0]), n)
+                for n in self.store.list_checkpoints()
+                if (p := fmt.parse_name(n))
+            ),
+            reverse=True,
+        )
+        for _step, _kind, name in remote:
+            with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-download-") as tmp:
+                staged = Path(tmp) / name
+                if not self.store.download_checkpoint(name, staged):
+                    continue
+                problem = fmt.verify(staged)
+                if problem:
+                    log.warning("skipping MLflow checkpoint %s: %s", name, problem)
+                    continue
+                target = self.root / name
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staged, target)
+                log.info("restored checkpoint %s from MLflow artifacts", name)
+                return target
+        return None
