@@ -84,8 +84,8 @@ class Mirror:
         folder = self.root / name
         if self.store is not None and folder.is_dir() and self.store.upload_checkpoint(folder):
             remote = self.store.list_checkpoints()
-                for doomed in set(rolling_beyond_keep(remote, self.keep)) & set(remote):
-                    self.store.delete_checkpoint(doomed)
+            for doomed in set(rolling_beyond_keep(remote, self.keep)) & set(remote):
+                self.store.delete_checkpoint(doomed)
         self.on_mirrored(name, step)
 
     def fetch_newest(self) -> Path | None:
