@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from so8t_exp import so8t
+from so8t_exp import data, so8t
 from so8t_exp.notify import Notifiers
+from so8t_exp.trainer import Trainer, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,43 @@ def _add_lora(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
 
 def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     return instantiate(cfg.trainer.optimizer, params=params, _convert_="all")
+
+
+def build_training(
+    cfg: DictConfig, source, dataset: data.Dataset, device: torch.device, precision: str
+) -> tuple[Trainer, object, list[dict], list[data.Record]]:
+    """Model, optimizer, schedule, scaler and batch plan as a :class:`Trainer`, plus the
+    tokenizer, the validation batches and the labelled records for four-class metrics."""
+    model, tokenizer, adapters = build_model(cfg, source)
+    model.to(device).train()
+    encode = functools.partial(
+        data.encode,
+        tokenizer=tokenizer,
+        max_length=cfg.data.max_length,
+        mask_prompt=cfg.data.mask_prompt,
+    )
+    t = cfg.trainer
+    plan = data.BatchPlan(
+        [encode(r) for r in dataset.train],
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        cfg.seed,
+        tokenizer.pad_token_id,
+    )
+    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    s = t.scheduler
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, s.warmup_steps, t.max_steps, s.name, s.min_lr_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    trainer = Trainer(cfg, model, adapters, optimizer, scheduler, scaler, plan, device, precision)
+    val = [encode(r) for r in dataset.val]
+    mb = t.micro_batch_size
+    val_batches = [
+        data.collate(val[i : i + mb], tokenizer.pad_token_id) for i in range(0, len(val), mb)
+    ][: t.eval_max_batches]
+    labelled = [r for r in dataset.val if r.four_class_label][: t.eval_label_records]
+    return trainer, tokenizer, val_batches, labelled
 
 
 def build_notifiers(cfg: DictConfig) -> Notifiers:

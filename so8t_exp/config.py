@@ -211,6 +211,8 @@ def validate(cfg: DictConfig) -> None:
             "trainer.max_steps",
             "trainer.micro_batch_size",
             "trainer.grad_accum_steps",
+            "trainer.eval_every_n_steps",
+            "trainer.log_every_n_steps",
             "data.max_length",
             "model.so8t.blocks",
         ],

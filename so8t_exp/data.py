@@ -83,15 +83,19 @@ def parse_record(line: str, where: str) -> Record:
 def read_jsonl(path: Path, on_bad_record: str) -> tuple[list[Record], int]:
     """All records of one file, and how many bad lines were skipped."""
     records, skipped = [], 0
-    with path.open(encoding="utf-8-sig") as fh:  # -sig: Windows editors write a BOM
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
             try:
-                records.append(parse_record(line, f"{path}:{lineno}"))
-            except DataError as err:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # BOM: Windows
+                if not line.strip():
+                    continue
+                records.append(parse_record(line, where))
+            except (DataError, UnicodeDecodeError) as err:
+                if isinstance(err, UnicodeDecodeError):
+                    err = DataError(f"{where}: not UTF-8 (byte {err.start}); save as UTF-8")
                 if on_bad_record != "skip":
-                    raise
+                    raise err from None
                 skipped += 1
                 log.warning("skipped bad record: %s", err)
     return records, skipped

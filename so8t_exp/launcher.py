@@ -10,6 +10,7 @@ lock and starts the trainer, which takes the lock for its own life.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -64,6 +65,17 @@ class Decision:
         return "alive" if self.reason.startswith("alive") else "dead"
 
 
+def progress_step(run: RunRecord) -> int:
+    """Newest checkpoint step: from the session file where this host has it (the MLflow tag
+    lags while uploads are slow), else from the tag."""
+    info = run.session_dir / "session_info.json" if run.session_dir else None
+    try:
+        local = json.loads(info.read_text(encoding="utf-8"))["current_step"] if info else 0
+    except (OSError, ValueError, KeyError):
+        local = 0
+    return max(int(local or 0), run.checkpoint_step)
+
+
 def judge(
     run: RunRecord, cfg: ResumeConfig, now: float | None = None, lock_held: bool = False
 ) -> Decision:
@@ -104,7 +116,7 @@ def judge(
         return Decision(
             run, "skip", f"being resumed by {run.tags.get(CLAIM_BY)} ({now - claimed:.0f}s ago)"
         )
-    progressed = run.checkpoint_step > int(run.tag_float(LAST_STEP, -1))
+    progressed = progress_step(run) > int(run.tag_float(LAST_STEP, -1))
     attempt = 1 if progressed else int(run.tag_float(ATTEMPTS, 0)) + 1
     if attempt > cfg.max_attempts:
         return Decision(
@@ -165,7 +177,7 @@ class Launcher:
             if not self.registry.claim(run.run_id, number, self.claimant):
                 return None
             self.registry.set_tags(
-                run.run_id, {ATTEMPTS: fresh.attempt, LAST_STEP: fresh.run.checkpoint_step}
+                run.run_id, {ATTEMPTS: fresh.attempt, LAST_STEP: progress_step(fresh.run)}
             )
         except SessionLocked as err:
             log.info("run %s: %s", run.run_id, err)

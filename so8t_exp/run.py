@@ -7,7 +7,6 @@ re-attaches to that MLflow run and continues from its newest valid checkpoint.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 import time
@@ -29,7 +28,6 @@ from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
 from so8t_exp.tracking import Tracker, flatten
-from so8t_exp.trainer import Trainer, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +107,8 @@ class TrainingRun:
             self._mirrored,
         )
         self.fingerprint = config_fingerprint(self.cfg)
+        if run_id is None:
+            self.checkpointer.set_aside_foreign()
         restored = self.checkpointer.newest() if run_id else None
         if restored:
             check_fingerprint(
@@ -129,16 +129,24 @@ class TrainingRun:
             total_steps=self.cfg.trainer.max_steps,
             tracking_uri=self.tracker.uri,
             resumes=self.session.info.resumes + int(resumed),
+            overrides=self._hydra_overrides(),
         )
-        self.tracker.set_tags(
-            {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
-        )
+        tags = {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
+        self.tracker.set_tags(tags)
         self.tracker.heartbeat()
-        self.tracker.log_params(self.params())
+        self.tracker.safely("log params", self.tracker.log_params, self.params())
         if self.hydra_dir and self.hydra_dir.is_dir():
             self.tracker.log_artifacts(self.hydra_dir, "hydra")
         event = "resumed" if resumed else "started"
         self.notify(event, f"run {self.tracker.run_id} in {self.session_dir}")
+
+    def _hydra_overrides(self) -> list[str] | None:
+        """This start's overrides, kept in the session file by the lock holder (Hydra's own
+        copy in .hydra/ is rewritten even by a start that is then refused)."""
+        path = self.hydra_dir / "overrides.yaml" if self.hydra_dir else None
+        if path is None or not path.is_file():
+            return self.session.info.overrides
+        return [str(o) for o in OmegaConf.load(path)]
 
     def params(self) -> dict:
         config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
@@ -153,61 +161,27 @@ class TrainingRun:
 
     # -- build ------------------------------------------------------------------------
     def _build(self, restored) -> None:
-        cfg = self.cfg
-        seed_everything(cfg.seed, cfg.trainer.deterministic)
-        device, precision = resolve_device(cfg.trainer)
-        model, self.tokenizer, adapters = build.build_model(cfg, self.source)
-        model.to(device).train()
-        encode = functools.partial(
-            data.encode,
-            tokenizer=self.tokenizer,
-            max_length=cfg.data.max_length,
-            mask_prompt=cfg.data.mask_prompt,
-        )
-        plan = data.BatchPlan(
-            [encode(r) for r in self.dataset.train],
-            cfg.trainer.micro_batch_size,
-            cfg.trainer.grad_accum_steps,
-            cfg.seed,
-            self.tokenizer.pad_token_id,
-        )
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = build.build_optimizer(cfg, params)
-        s = cfg.trainer.scheduler
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda step: lr_factor(
-                step, s.warmup_steps, cfg.trainer.max_steps, s.name, s.min_lr_ratio
-            ),
-        )
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.trainer = Trainer(
-            cfg, model, adapters, optimizer, scheduler, scaler, plan, device, precision
-        )
-        val = [encode(r) for r in self.dataset.val]
-        mb = cfg.trainer.micro_batch_size
-        self.val_batches = [
-            data.collate(val[i : i + mb], self.tokenizer.pad_token_id)
-            for i in range(0, len(val), mb)
-        ][: cfg.trainer.eval_max_batches]
-        self.label_records = [r for r in self.dataset.val if r.four_class_label][
-            : cfg.trainer.eval_label_records
-        ]
+        seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
+        device, precision = resolve_device(self.cfg.trainer)
+        parts = build.build_training(self.cfg, self.source, self.dataset, device, precision)
+        trainer, self.tokenizer, self.val_batches, self.label_records = parts
         if restored:
             state = restore(
                 restored[1],
-                params=dict(model.named_parameters()),
-                required=set(self.trainer.params),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                scaler=scaler,
+                params=dict(trainer.model.named_parameters()),
+                required=set(trainer.params),
+                optimizer=trainer.optimizer,
+                scheduler=trainer.scheduler,
+                scaler=trainer.scaler,
             )
             for key, value in state["progress"].items():
-                setattr(self.trainer.progress, key, value)
-            self.checkpointer.last_save_step = self.trainer.progress.step
+                setattr(trainer.progress, key, value)
+            self.checkpointer.last_save_step = trainer.progress.step
             self.checkpointer.last_save_seconds = state["last_save_seconds"]
             self.tracker.requeue_metrics(state.get("metrics_unsent", []))
-            log.info("continuing from step %d (%s)", self.trainer.progress.step, restored[0].name)
+            log.info("continuing from step %d (%s)", trainer.progress.step, restored[0].name)
+        # Only now: a restore that fails must not look like a state worth an emergency save.
+        self.trainer = trainer
 
     # -- loop -------------------------------------------------------------------------
     def _guarded(self, stop: StopRequest, restored) -> int:
@@ -227,14 +201,14 @@ class TrainingRun:
             ).start()
             self._loop(stop)
             if stop.requested:
-                return self._stopped("interrupted", "KILLED", stop.exit_code)
+                return self._stopped(stop, "interrupted", "KILLED", stop.exit_code)
             self._complete()
             return 0
         except KeyboardInterrupt:
-            return self._stopped("interrupted", "KILLED", stop.exit_code)
+            return self._stopped(stop, "interrupted", "KILLED", stop.exit_code)
         except BaseException:
             log.exception("training failed")
-            self._stopped("failed", "FAILED", 1)
+            self._stopped(stop, "failed", "FAILED", 1)
             raise
         finally:
             if monitor is not None:
@@ -243,6 +217,12 @@ class TrainingRun:
     def _loop(self, stop: StopRequest) -> None:
         t, p = self.cfg.trainer, self.trainer.progress
         bar = ProgressBar(t.max_steps, p.step, enabled=t.progress_bar)
+        if (
+            p.step
+            and p.last_eval_step != p.step
+            and (p.step % t.eval_every_n_steps == 0 or p.step == t.max_steps)
+        ):
+            self._evaluate()  # the previous process died inside this evaluation
         while p.step < t.max_steps and not stop.requested:
             metrics = self.trainer.train_step()
             metrics.update(self.pending_metrics)
@@ -268,6 +248,7 @@ class TrainingRun:
         loss = metrics.get("eval/loss")
         if loss is not None and (tr.progress.best_loss is None or loss < tr.progress.best_loss):
             tr.progress.best_loss = loss
+        tr.progress.last_eval_step = tr.progress.step
         self.tracker.log_metrics(metrics, tr.progress.step)
 
     def _state_for_monitor(self) -> dict:
@@ -329,7 +310,8 @@ class TrainingRun:
 
     def _complete(self) -> None:
         tr = self.trainer
-        self._save("final", wait=True)
+        if not self.checkpointer.has_valid("final", tr.progress.step):  # (resumed from it)
+            self._save("final", wait=True)
         if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
             log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
         folder = export_final(
@@ -340,16 +322,20 @@ class TrainingRun:
             self.source.describe(),
         )
         self.tracker.log_artifacts(folder, "final_model")
-        self.session.save(status="completed", current_step=tr.progress.step)
-        self.tracker.finish("FINISHED")
+        # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
+        # (from the final checkpoint) instead of believing it done.
+        if self.tracker.finish("FINISHED"):
+            self.session.save(status="completed", current_step=tr.progress.step)
         self.notify(
             "finished",
             f"run {self.tracker.run_id}: {tr.progress.step} steps, "
             f"best eval loss {tr.progress.best_loss}",
         )
 
-    def _stopped(self, status: str, mlflow_status: str, code: int) -> int:
-        """Emergency checkpoint at the last step boundary (if one can be had), then close."""
+    def _stopped(self, stop: StopRequest, status: str, mlflow_status: str, code: int) -> int:
+        """Emergency checkpoint at the last step boundary (if one can be had), then close.
+        Further signals are only logged from here on: this is the way out."""
+        stop.shield()
         tr = getattr(self, "trainer", None)
         if (
             tr is not None
@@ -361,8 +347,9 @@ class TrainingRun:
             except Exception as err:
                 log.error("emergency checkpoint failed: %s", err)
         # Short: Windows gives a closing console only seconds; the local copy is what counts.
-        self.checkpointer.drain_mirror(10.0)
         self.session.save(status=status)
+        stop.done()
+        self.checkpointer.drain_mirror(10.0)
         self.tracker.finish(mlflow_status)
         self.notify(
             "interrupted" if status == "interrupted" else "failed",

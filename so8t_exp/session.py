@@ -37,6 +37,7 @@ class SessionInfo:
     status: str = "running"
     tracking_uri: str | None = None
     resumes: int = 0
+    overrides: list[str] | None = None  # Hydra task overrides of the lock holder's start
 
 
 class Session:

@@ -44,7 +44,8 @@ def _app(cfg: DictConfig) -> int:
         code = EXIT_LOCKED
     # Hydra drops the return value; a single run reports it as the exit code, while a
     # sweep goes on to its next job.
-    if code and hc.mode == RunMode.RUN:
+    # ... unless it was stopped by a signal: then the whole sweep stops.
+    if code and (hc.mode == RunMode.RUN or code >= 128):
         sys.exit(code)
     return code
 

@@ -29,6 +29,7 @@ class Progress:
     epoch: int = 0
     step_in_epoch: int = 0
     best_loss: float | None = None  # best validation loss so far
+    last_eval_step: int = 0
     train_seconds: float = 0.0  # time spent in steps; checkpoint intervals count this
     tokens_seen: int = 0
 

@@ -19,7 +19,7 @@ else
 fi
 export PYTHONUTF8=1 PYTHONUNBUFFERED=1
 
-stamp() { while IFS= read -r line; do printf '[%s] %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$line"; done; }
+stamp() { while IFS= read -r line || [ -n "$line" ]; do printf '[%s] %s\n' "$(date '+%Y-%m-%d %H:%M:%S')" "$line"; done; }
 
 cd "$root" || exit 1
 echo "resume_at_boot: starting $py -m so8t_exp.resume $*" | stamp >> "$log"

@@ -23,8 +23,8 @@ if not exist "%PYEXE%" (
 )
 
 cd /d "%ROOT%"
-echo [%DATE% %TIME%] resume_at_boot: starting "%PYEXE%" %PYARGS% -m so8t_exp.resume %*>> "%LOG%"
+>> "%LOG%" echo [%DATE% %TIME%] resume_at_boot: starting "%PYEXE%" %PYARGS% -m so8t_exp.resume %*
 "%PYEXE%" %PYARGS% -m so8t_exp.resume %* >> "%LOG%" 2>&1
 set "CODE=%ERRORLEVEL%"
-echo [%DATE% %TIME%] resume_at_boot: exit code %CODE%>> "%LOG%"
+>> "%LOG%" echo [%DATE% %TIME%] resume_at_boot: exit code %CODE%
 exit /b %CODE%

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from so8t_exp.fsutil import atomic_write_json, fsync_dir
 
@@ -133,7 +133,9 @@ def read(folder: Path) -> Payload:
     for fname in manifest["files"]:
         path = folder / fname
         if fname.endswith(".safetensors"):
-            payload.tensors[fname.removesuffix(".safetensors")] = load_file(str(path))
+            # From bytes, not memory-mapped: a mapped file could not be deleted or replaced
+            # on Windows while the optimizer still uses its tensors.
+            payload.tensors[fname.removesuffix(".safetensors")] = load(path.read_bytes())
         elif fname.endswith(".json"):
             payload.docs[fname.removesuffix(".json")] = json.loads(path.read_text("utf-8"))
     return payload

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,7 +73,6 @@ class Checkpointer:
         """Hand ``payload`` to the worker (after any save in flight); ``wait`` blocks until
         it is on disk."""
         self.drain()
-        self._idle.clear()
         name = fmt.checkpoint_name(kind, step)
         self._thread = threading.Thread(
             target=self._write,
@@ -80,7 +80,12 @@ class Checkpointer:
             name="so8t-checkpoint",
             daemon=False,
         )
-        self._thread.start()
+        self._idle.clear()
+        try:
+            self._thread.start()
+        except BaseException:  # (a KeyboardInterrupt here must not leave us "busy" forever)
+            self._idle.set()
+            raise
         if kind == "rolling":
             self.last_save_step = step
         if wait:
@@ -108,6 +113,20 @@ class Checkpointer:
             self.on_failed(name, err)
         finally:
             self._idle.set()
+
+    def has_valid(self, kind: str, step: int) -> bool:
+        folder = self.root / fmt.checkpoint_name(kind, step)
+        return folder.is_dir() and fmt.verify(folder) is None
+
+    def set_aside_foreign(self) -> None:
+        """A new run in a folder that holds checkpoints (of a run this store does not know):
+        move them to ``checkpoints.orphaned-<time>`` so they are neither resumed nor pruned
+        against the new run's own."""
+        if self.local_names():
+            aside = self.root.with_name(f"checkpoints.orphaned-{int(time.time())}")
+            os.replace(self.root, aside)
+            self.root.mkdir()
+            log.warning("moved checkpoints of an unknown run to %s", aside)
 
     def local_names(self) -> list[str]:
         return [p.name for _s, _k, p in fmt.candidates(self.root)]

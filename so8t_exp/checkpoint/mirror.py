@@ -82,11 +82,13 @@ class Mirror:
 
     def _mirror(self, name: str, step: int) -> None:
         folder = self.root / name
-        if self.store is not None and folder.is_dir() and self.store.upload_checkpoint(folder):
+        if self.store is None:
+            self.on_mirrored(name, step)
+        elif folder.is_dir() and self.store.upload_checkpoint(folder):
             remote = self.store.list_checkpoints()
             for doomed in set(rolling_beyond_keep(remote, self.keep)) & set(remote):
                 self.store.delete_checkpoint(doomed)
-        self.on_mirrored(name, step)
+            self.on_mirrored(name, step)  # only now is it in MLflow
 
     def fetch_newest(self) -> Path | None:
         """Download the newest checkpoint that verifies into ``root``; None if none does.

@@ -82,6 +82,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+START_RETRY_SECONDS = 120.0
+
+
+def retry(what: str, seconds: float, fn: Callable, *args):
+    """``fn(*args)``, retried with backoff for up to ``seconds`` while it raises."""
+    deadline, delay = time.monotonic() + seconds, 1.0
+    while True:
+        try:
+            return fn(*args)
+        except Exception as err:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("MLflow: could not %s (%s); retrying in %.0f s", what, err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
 class MetricBuffer:
     """Collects metric points and sends them in batches from a background thread.
 
@@ -182,7 +199,13 @@ class Tracker:
         return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri))
 
     def start(self, experiment: str, run_name: str | None, run_id: str | None = None) -> str:
-        """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING)."""
+        """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING).
+        At boot the tracking server may not be up yet: tries for ``START_RETRY_SECONDS``."""
+        return retry(
+            "start the run", START_RETRY_SECONDS, self._start, experiment, run_name, run_id
+        )
+
+    def _start(self, experiment: str, run_name: str | None, run_id: str | None) -> str:
         if run_id is None:
             run = self.client.create_run(self.experiment_id(experiment), run_name=run_name)
             self.run_id, logged = run.info.run_id, {}
@@ -197,7 +220,12 @@ class Tracker:
     def find_session_run(self, experiment: str, session_dir: Path) -> str | None:
         """The newest run recorded for ``session_dir`` (its folder may have been lost):
         its id, ``"FINISHED"`` if that run is finished, or None."""
-        exp = self.client.get_experiment_by_name(experiment)
+        exp = retry(
+            "read the experiment",
+            START_RETRY_SECONDS,
+            self.client.get_experiment_by_name,
+            experiment,
+        )
         if exp is None:
             return None
         path = str(session_dir.resolve()).replace("'", "\\'")
@@ -316,9 +344,10 @@ class Tracker:
             log.warning("MLflow: could not download checkpoint %s: %s", name, err)
             return False
 
-    def finish(self, status: str, retry_seconds: float = 60.0) -> None:
+    def finish(self, status: str, retry_seconds: float = 60.0) -> bool:
         """Flush metrics and close the run as FINISHED, FAILED or KILLED, retrying while the
-        tracking server is unreachable (a clean exit must not leave the run RUNNING)."""
+        tracking server is unreachable (a clean exit must not leave the run RUNNING).
+        False if the status could not be set."""
         if self.metrics is not None:
             self.metrics.close()
             if self.metrics.dropped_on_close:
@@ -328,8 +357,9 @@ class Tracker:
         while not self.safely("end run", self.client.set_terminated, self.run_id, status):
             if time.monotonic() > deadline:
                 log.error("run %s could not be marked %s", self.run_id, status)
-                return
+                return False
             time.sleep(2.0)
+        return True
 
     @staticmethod
     def safely(what: str, fn: Callable, *args, **kwargs) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -124,11 +125,17 @@ class RunRegistry:
         )
 
     def recorded_overrides(self, run: RunRecord) -> list[str]:
-        """The Hydra task overrides the run was started with (from its session folder, else
-        from its ``hydra/overrides.yaml`` artifact)."""
-        local = run.session_dir / ".hydra" / "overrides.yaml" if run.session_dir else None
-        if local is not None and local.is_file():
-            return list(yaml.safe_load(local.read_text(encoding="utf-8")) or [])
+        """The Hydra task overrides the run was last started with: from its session file
+        (written by the process that held the lock), else from its ``hydra/overrides.yaml``
+        artifact (uploaded by that process)."""
+        info = run.session_dir / "session_info.json" if run.session_dir else None
+        if info is not None and info.is_file():
+            try:
+                recorded = json.loads(info.read_text(encoding="utf-8")).get("overrides")
+                if recorded is not None:
+                    return list(recorded)
+            except ValueError:
+                pass
         try:
             text = self.client.download_artifacts(run.run_id, "hydra/overrides.yaml")
             return list(yaml.safe_load(Path(text).read_text(encoding="utf-8")) or [])
