@@ -26,6 +26,7 @@ from so8t_exp.config import ResumeConfig
 from so8t_exp.lock import SessionLock, SessionLocked, describe_holder, is_locked
 from so8t_exp.notify import Notifiers
 from so8t_exp.paths import project_root
+from so8t_exp.tracking import mask_secrets
 from so8t_exp.tracking.runs import (
     ATTEMPTS,
     CLAIM_BY,
@@ -137,6 +138,15 @@ def judge(
     )
 
 
+def _masked(cmd: list[str]) -> list[str]:
+    """The command with secret-looking override values (webhook URLs, tokens) hidden."""
+    out = []
+    for arg in cmd:
+        key, eq, value = arg.partition("=")
+        out.append(f"{key}={mask_secrets({key: value})[key]}" if eq else arg)
+    return out
+
+
 class Launcher:
     def __init__(
         self, cfg: ResumeConfig, tracking_uri: str | None, experiments: list[str], notify: Notifiers
@@ -209,7 +219,7 @@ class Launcher:
             or (run.session_dir / "resume_logs" if run and run.session_dir else None)
         )
         cmd = [sys.executable, "-m", "so8t_exp.train", *overrides]
-        log.info("launching: %s", " ".join(cmd))
+        log.info("launching: %s", " ".join(_masked(cmd)))
         log_file = None
         if logs is not None:
             logs.mkdir(parents=True, exist_ok=True)

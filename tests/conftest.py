@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from so8t_exp import config as _config  # noqa: F401  (registers the schemas)
 from so8t_exp.paths import config_dir, sqlite_uri
 
 EXPERIMENTS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
