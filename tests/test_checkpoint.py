@@ -225,3 +225,23 @@ def test_failed_write_is_reported_and_leaves_no_partial_folder(tmp_path: Path):
     ckpt.save("rolling", 1, bad, wait=True)
     assert failed and failed[0][0] == "rolling-step00000001"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_read_does_not_memory_map_checkpoint_files(tmp_path: Path):
+    """Windows cannot delete or replace a mapped file: loaded tensors must be plain copies."""
+    folder = fmt.write(tmp_path, "rolling-step00000001", _payload(1))
+    payload = fmt.read(folder)
+    maps = Path("/proc/self/maps")
+    if maps.exists():
+        assert str(folder) not in maps.read_text()
+    assert payload.tensors["weights"]
+
+
+def test_checkpoints_of_an_unknown_run_are_set_aside(tmp_path: Path):
+    root = tmp_path / "checkpoints"
+    fmt.write(root, "rolling-step00000009", _payload(1))
+    ckpt = Checkpointer(root, CheckpointConfig(), None, lambda *a: None, lambda *a: None)
+    ckpt.set_aside_foreign()
+    assert ckpt.local_names() == []
+    aside = list(tmp_path.glob("checkpoints.orphaned-*"))
+    assert len(aside) == 1 and (aside[0] / "rolling-step00000009").is_dir()

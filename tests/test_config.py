@@ -91,6 +91,8 @@ def test_misspelled_key_in_a_group_file_names_key_and_file(tmp_path):
         ("trainer.scheduler.name=step", "trainer.scheduler.name"),
         ("checkpoint.keep=1", "checkpoint.keep"),
         ("trainer.max_steps=0", "trainer.max_steps"),
+        ("trainer.eval_every_n_steps=0", "trainer.eval_every_n_steps"),
+        ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps"),
         ("trainer.device=tpu", "trainer.device"),
         ("+trainer.optimizer.lrr=0.1", "trainer.optimizer.lrr"),
         ("+model.source.hidden_sise=64", "model.source.hidden_sise"),

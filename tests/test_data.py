@@ -290,3 +290,14 @@ def test_utf8_bom_file_parses(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b'{"instruction": "a", "output": "b"}\n')
     records, skipped = read_jsonl(path, "error")
     assert skipped == 0 and records[0].instruction == "a"
+
+
+def test_non_utf8_line_names_file_and_line(tmp_path):
+    path = tmp_path / "sjis.jsonl"
+    good = b'{"instruction": "a", "output": "b"}\n'
+    bad = '{"instruction": "日本語", "output": "b"}\n'.encode("cp932")
+    path.write_bytes(good + bad + good)
+    with pytest.raises(DataError, match=rf"{re.escape(str(path))}:2: not UTF-8"):
+        read_jsonl(path, "error")
+    records, skipped = read_jsonl(path, "skip")
+    assert len(records) == 2 and skipped == 1

@@ -7,9 +7,12 @@ then equal an uninterrupted run bit for bit: final weights, optimizer state, and
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -229,3 +232,89 @@ def test_changed_config_is_refused_with_the_differing_keys(tmp_path, store):
         "checkpoint.allow_config_change=true",
     )
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_second_signal_during_emergency_save_writes_it_once(tmp_path, store):
+    run_dir = tmp_path / "run"
+    env = subprocess_env(tmp_path, SO8T_FAULT_CHECKPOINT_PAUSE="1.5")
+    proc = start_train(
+        tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=100000", env=env
+    )  # no rolling checkpoints: the emergency one is the only save
+    wait_for(lambda: session_info(run_dir).get("status") == "running", proc=proc, what="start")
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGTERM)
+    ckpt_dir = run_dir / "checkpoints"
+    wait_for(lambda: any(ckpt_dir.glob(".tmp-emergency-*")), proc=proc, what="the emergency write")
+    proc.send_signal(signal.SIGTERM)  # impatient: must not restart or abort the write
+    assert proc.wait(60) == 128 + signal.SIGTERM
+    emergency = [p for p in ckpt_dir.iterdir() if p.name.startswith("emergency")]
+    assert len(emergency) == 1 and verify(emergency[0]) is None
+    log_text = "".join(p.read_text() for p in tmp_path.glob("run.*.log"))
+    assert log_text.count("received SIGTERM while stopping") == 1
+    _client, run = only_run(store)
+    assert run.info.status == "KILLED"
+
+
+def test_killed_between_final_checkpoint_and_finish_is_completed_by_a_restart(
+    tmp_path, store, baseline
+):
+    run_dir = tmp_path / "run"
+    finish(tmp_path, store, run_dir)
+    # As if killed after the final checkpoint but before MLflow heard FINISHED:
+    client, run = only_run(store)
+    client.update_run(run.info.run_id, status="RUNNING")
+    info = session_info(run_dir)
+    info["status"] = "running"
+    (run_dir / "session_info.json").write_text(json.dumps(info))
+    final = run_dir / "checkpoints" / f"final-step{STEPS:08d}"
+    before = (final / "manifest.json").read_bytes()
+    log = finish(tmp_path, store, run_dir)
+    assert f"continuing from step {STEPS}" in log
+    assert (final / "manifest.json").read_bytes() == before  # not written again
+    assert_same_as_baseline(run_dir, store, baseline)
+
+
+def test_a_failed_restore_leaves_no_emergency_checkpoint(tmp_path, store):
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 4, proc=proc, what="step 4")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    before = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    out = run_train(
+        tmp_path,
+        store,
+        run_dir,
+        *OVERRIDES,
+        "model.so8t.blocks=2",
+        "checkpoint.allow_config_change=true",
+    )
+    assert out.returncode == 1
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == before
+
+
+def test_a_stop_signal_stops_a_whole_sweep(tmp_path, store):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        "-m",
+        "so8t_exp.train",
+        "-m",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.progress_bar=false",
+        "+experiment=smoke",
+        "trainer.max_steps=100000,100001",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: session_info(sweep / "0").get("session_id"), proc=proc, what="job 0")
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM
+    assert not (sweep / "1").exists()  # the next job never started

@@ -130,11 +130,13 @@ def test_live_run_is_never_resumed_and_a_second_trainer_refuses(tmp_path, store)
         assert out.returncode == 0 and "nothing to resume" in out.stdout
         out = run_resume(tmp_path, store, f"resume.run_id={session_info(run_dir)['session_id']}")
         assert out.returncode == 4 and "not resumable" in out.stderr
-        second = run_train(
-            tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=100000"
-        )
+        recorded = session_info(run_dir)["overrides"]
+        second = run_train(tmp_path, store, run_dir, "trainer.max_steps=7")
         assert second.returncode == 3
         assert f"in use by PID {proc.pid}" in second.stderr
+        # the refused start must not change what a later resume would relaunch with
+        assert session_info(run_dir)["overrides"] == recorded
+        assert "+experiment=smoke" in recorded
         assert proc.poll() is None  # the live trainer was left alone
     finally:
         proc.send_signal(signal.SIGTERM)
