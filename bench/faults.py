@@ -468,7 +468,9 @@ def scenario_kills(suite: Suite) -> dict:
         ov = launcher_ov + (["resume.claim_grace_seconds=0"] if stalled else [])
         return suite.start_resume(home, store, *ov, env=env)
 
-    for i, mode in enumerate(plan):
+    pending, i = list(plan), -1
+    while pending:
+        mode, i = pending[0], i + 1
         pause = round(rng.uniform(0.3, 1.0), 2) if mode == "write" else 0.0
         how = "power-cut" if i == 0 or rng.random() < 0.6 else "trainer-only"
         delay = rng.uniform(0.0, 0.5) if mode == "step" else rng.uniform(0.3, 9.0)
@@ -481,7 +483,7 @@ def scenario_kills(suite: Suite) -> dict:
         out["runs"] += 1
         logs.append(proc.log)
         if mode == "step":
-            left = len(plan) - i
+            left = len(pending)
             span = max(1, (suite.steps - EVERY - before_step) // max(1, left))
             target = min(before_step + rng.randint(1, span), suite.steps - EVERY)
             what = f"checkpoint step >= {target}, then {delay:.2f}s"
@@ -506,17 +508,23 @@ def scenario_kills(suite: Suite) -> dict:
             _client, run = suite.only_run(store)
             if run.info.status == "FINISHED":
                 break
-            if "launching:" not in text and "nothing to resume" in text:
-                stalled = True
+            if "launching:" not in text and "nothing to resume" in text and not stalled:
+                stalled = True  # retry this kill with resume.claim_grace_seconds=0
                 suite.problem(
                     "the launcher refused to resume a dead, unfinished run",
-                    f"run status {run.info.status}; the previous launcher was killed after it "
-                    "claimed the run but before its trainer set a heartbeat, so the fresh "
-                    "claim (so8t.resume.claim_time) makes every launcher skip the run for "
-                    "resume.claim_grace_seconds (120 s) although nobody is working on it. "
-                    "Later launchers in this scenario use resume.claim_grace_seconds=0.",
+                    f"run status {run.info.status}, no process alive. The previous launcher "
+                    "was killed after it claimed the run and before its trainer set a "
+                    "heartbeat, so the fresh claim (so8t.resume.claim_time newer than "
+                    "so8t.heartbeat) makes every launcher skip the run for "
+                    "resume.claim_grace_seconds (120 s) although nobody works on it: after a "
+                    "power cut during the boot-time resume, the next boot's launcher does "
+                    "nothing. Suggest: on the claimant's own host, ignore a claim whose "
+                    "PID (so8t.resume.claim_by host:pid:nonce) is gone and whose session lock "
+                    "is free. Later launchers here use resume.claim_grace_seconds=0.",
                     [proc.log],
                 )
+                continue
+            pending.pop(0)
             continue
         if how == "trainer-only" and trainer_pid(proc) is None:
             how = "power-cut"  # the launcher has not started its trainer yet
@@ -527,6 +535,7 @@ def scenario_kills(suite: Suite) -> dict:
         rc = wait_exit(proc, 120, "killed process")
         wait_group_gone(proc.pid, 30)
         out["kills"] += 1
+        pending.pop(0)
         folders = checkpoint_folders(run_dir)
         newest = f"{folders[0].name} ({verify(folders[0]) or 'valid'})" if folders else "none"
         suite.say(

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import random
 
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -14,6 +16,30 @@ from so8t_exp.notify import Notifiers
 from so8t_exp.trainer import Trainer, lr_factor
 
 log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(trainer_cfg) -> tuple[torch.device, str]:
+    """(device, precision) from ``trainer.device`` and ``trainer.precision``."""
+    name = trainer_cfg.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    precision = trainer_cfg.precision
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "fp32" if device.type == "cpu" else ("bf16" if bf16 else "fp16")
+    if device.type == "cpu" and precision == "fp16":
+        raise ValueError("trainer.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
+    return device, precision
 
 
 def build_source(cfg: DictConfig):

@@ -8,11 +8,9 @@ re-attaches to that MLflow run and continues from its newest valid checkpoint.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,30 +28,6 @@ from so8t_exp.system_stats import Monitor
 from so8t_exp.tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-
-
-def resolve_device(trainer_cfg) -> tuple[torch.device, str]:
-    """(device, precision) from ``trainer.device`` and ``trainer.precision``."""
-    name = trainer_cfg.device
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    precision = trainer_cfg.precision
-    if precision == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = "fp32" if device.type == "cpu" else ("bf16" if bf16 else "fp16")
-    if device.type == "cpu" and precision == "fp16":
-        raise ValueError("trainer.precision=fp16 needs CUDA; use fp32 or bf16 on CPU")
-    return device, precision
 
 
 def run_training(cfg: DictConfig, session_dir: Path, hydra_dir: Path | None = None) -> int:
@@ -161,8 +135,8 @@ class TrainingRun:
 
     # -- build ------------------------------------------------------------------------
     def _build(self, restored) -> None:
-        seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
-        device, precision = resolve_device(self.cfg.trainer)
+        build.seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
+        device, precision = build.resolve_device(self.cfg.trainer)
         parts = build.build_training(self.cfg, self.source, self.dataset, device, precision)
         trainer, self.tokenizer, self.val_batches, self.label_records = parts
         if restored:
