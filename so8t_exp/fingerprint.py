@@ -8,7 +8,6 @@ its path does not.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp.config import ConfigError
+from so8t_exp.fsutil import file_sha256
 
 # Keys (or prefixes ending in '.') that do not affect the numbers a run produces.
 _IGNORED = (
@@ -46,14 +46,6 @@ def _flat(node, prefix: str = "") -> dict[str, str]:
 
 def _ignored(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in _IGNORED)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_fingerprint(cfg: DictConfig) -> dict[str, str]:

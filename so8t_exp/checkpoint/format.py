@@ -8,7 +8,6 @@ renamed into place: a folder with a valid manifest is complete by construction.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -22,7 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save_file
 
-from so8t_exp.fsutil import atomic_write_json, fsync_dir
+from so8t_exp.fsutil import atomic_write_json, file_sha256, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,6 @@ def parse_name(name: str) -> tuple[str, int] | None:
     """``("rolling", 120)`` for ``rolling-step00000120``; None for anything else."""
     m = _NAME.match(name)
     return (m.group(1), int(m.group(2))) if m else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -90,7 +81,9 @@ def write(root: Path, name: str, payload: Payload, pause_after_first_file: float
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "files": {n: {"sha256": _sha256(p), "bytes": p.stat().st_size} for n, p in files.items()},
+        "files": {
+            n: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for n, p in files.items()
+        },
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     fsync_dir(tmp)
@@ -121,7 +114,7 @@ def verify(folder: Path) -> str | None:
             return f"missing {fname}"
         if path.stat().st_size != meta.get("bytes"):
             return f"{fname} has {path.stat().st_size} bytes, manifest says {meta.get('bytes')}"
-        if _sha256(path) != meta.get("sha256"):
+        if file_sha256(path) != meta.get("sha256"):
             return f"{fname} checksum mismatch"
     return None
 
