@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+import psutil
+
 from so8t_exp.config import ResumeConfig
 from so8t_exp.lock import SessionLock, SessionLocked, describe_holder, is_locked
 from so8t_exp.notify import Notifiers
@@ -77,6 +79,17 @@ def progress_step(run: RunRecord) -> int:
     return max(int(local or 0), run.checkpoint_step)
 
 
+def claimant_alive(claim_by: str) -> bool:
+    """Whether the launcher that claimed a run may still be starting it. On this host its
+    PID tells (a launcher killed right after claiming must not block the run for the whole
+    grace period); another host's launcher is given the benefit of the doubt."""
+    host, _, rest = claim_by.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    return psutil.pid_exists(int(pid))
+
+
 def judge(
     run: RunRecord, cfg: ResumeConfig, now: float | None = None, lock_held: bool = False
 ) -> Decision:
@@ -113,6 +126,7 @@ def judge(
         claimed is not None
         and now - claimed < cfg.claim_grace_seconds
         and run.tag_float("so8t.heartbeat", 0) < claimed
+        and claimant_alive(run.tags.get(CLAIM_BY, ""))
     ):
         return Decision(
             run, "skip", f"being resumed by {run.tags.get(CLAIM_BY)} ({now - claimed:.0f}s ago)"

@@ -286,6 +286,8 @@ class TrainingRun:
         tr = self.trainer
         if not self.checkpointer.has_valid("final", tr.progress.step):  # (resumed from it)
             self._save("final", wait=True)
+            if not self.checkpointer.has_valid("final", tr.progress.step):
+                raise RuntimeError("the final checkpoint could not be written (disk full?)")
         if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
             log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
         folder = export_final(
@@ -320,9 +322,12 @@ class TrainingRun:
                 self._save("emergency", wait=True)
             except Exception as err:
                 log.error("emergency checkpoint failed: %s", err)
-        # Short: Windows gives a closing console only seconds; the local copy is what counts.
-        self.session.save(status=status)
+        try:  # (a full disk must not keep MLflow from hearing how the run ended)
+            self.session.save(status=status)
+        except OSError as err:
+            log.error("could not update %s: %s", self.session.path, err)
         stop.done()
+        # Short: Windows gives a closing console only seconds; the local copy is what counts.
         self.checkpointer.drain_mirror(10.0)
         self.tracker.finish(mlflow_status)
         self.notify(

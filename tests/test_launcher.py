@@ -234,3 +234,21 @@ def test_session_lock_is_exclusive_and_names_the_holder(tmp_path: Path, holder):
     with SessionLock(folder) as lock:
         assert lock.held and is_locked(folder)
     assert not is_locked(folder)
+
+
+def test_claim_of_a_dead_launcher_on_this_host_is_ignored(tmp_path: Path, store: str):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    client = MlflowClient(store)
+    run_id = make_run(
+        client,
+        tmp_path,
+        "orphan_claim",
+        "RUNNING",
+        **{
+            "so8t.resume.claim_time": f"{time.time() - 5:.3f}",
+            "so8t.resume.claim_by": f"{socket.gethostname()}:{dead.pid}:abcd",
+        },
+    )
+    decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=120))
+    assert decision.action == "resume", decision.reason
