@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -249,12 +250,17 @@ class Launcher:
                 errors="replace",
                 bufsize=1,
             )
+            # Ctrl-C reaches the trainer too, which stops cleanly; the launcher stays to
+            # report how it ended instead of dying first with a traceback.
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             for line in proc.stdout:
                 sys.stdout.write(line)
                 if log_file is not None:
                     log_file.write(line)
                     log_file.flush()
-            return proc.wait()
+            code = proc.wait()
+            signal.signal(signal.SIGINT, previous)
+            return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell
         finally:
             if log_file is not None:
                 log_file.close()
