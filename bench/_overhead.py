@@ -9,18 +9,21 @@ grad clipping:
 * ``ours``: ``so8t_exp.run.run_training`` in this process (metrics every step, system stats,
   heartbeat, progress log, rolling checkpoints every steps/4 mirrored to MLflow);
 * ``hf``: ``transformers.Trainer`` with ``report_to=["mlflow"]``, ``logging_steps=1`` and
-  ``save_steps`` = steps/4.
+  ``save_steps`` = steps/4 (full HF checkpoints: model, optimizer, scheduler, RNG).
 
-Throughput of each is steps/s over the window from the end of step 1 to the end of step N
-(start-up, model build, MLflow DB/run creation and the first step are outside it; so are the
-final save and evaluation). ``ours`` is read from the MLflow timestamps of ``train/loss``
-(stamped when the step's metrics are handed to the tracker, right after the step); ``bare``
-and ``hf`` from ``time.perf_counter()`` at the end of each step (HF: ``on_step_end``).
+Each loop runs ``windows × steps + 1`` steps with a save every ``steps / 4``; its throughput
+is measured over ``windows`` consecutive windows of ``steps`` steps each, the first one
+starting at the end of step 1. Start-up (model build, MLflow DB and run creation), the first
+step, the final evaluation and save are outside every window. ``ours`` is read from the
+MLflow timestamps of ``train/loss`` (stamped when the step's metrics are handed to the
+tracker, right after the step); ``bare`` and ``hf`` from ``time.perf_counter()`` at the end
+of each step (HF: ``on_step_end``). Several short windows per run, over rounds interleaved
+with the order rotated, give medians that survive the bursts of a shared machine.
 
 Benchmark 4 comes from the ``ours`` runs: ``so8t_exp.run.Tracker`` is swapped for a subclass
 that times every ``log_metrics`` call made by the training thread (two ``perf_counter``
 calls per step, well under a microsecond); the fraction is the time inside those calls over
-the window's wall time.
+the wall time from the end of step 1 to the end of the last step.
 """
 
 from __future__ import annotations
@@ -41,7 +44,8 @@ from omegaconf import DictConfig
 
 import so8t_exp.run as so8t_run
 from so8t_exp import build, data, so8t
-from so8t_exp.run import run_training, seed_everything
+from so8t_exp.build import seed_everything
+from so8t_exp.run import run_training
 from so8t_exp.tracking import Tracker
 from so8t_exp.trainer import lr_factor
 
@@ -54,20 +58,25 @@ class Workload:
 
     root: Path
     store: str
-    steps: int
+    steps: int  # per measurement window
+    windows: int = 1
+
+    @property
+    def total(self) -> int:
+        return self.windows * self.steps + 1
 
     @property
     def save_every(self) -> int:
         return max(1, self.steps // 4)
 
     def cfg(self) -> DictConfig:
-        # Evaluation only at the last step (after the window closes); monitor tasks scaled
+        # Evaluation only at the last step (after the last window); monitor tasks scaled
         # down so each fires several times within a run of a few seconds (defaults: stats
         # 10 s, heartbeat 30 s, progress 180 s).
         return compose_train(
             self.store,
-            f"trainer.max_steps={self.steps}",
-            f"trainer.eval_every_n_steps={self.steps}",
+            f"trainer.max_steps={self.total}",
+            f"trainer.eval_every_n_steps={self.total}",
             f"checkpoint.every_n_steps={self.save_every}",
             "tracking.system_stats_interval_seconds=1",
             "session.heartbeat_seconds=2",
@@ -83,8 +92,10 @@ class Results:
     log_fraction: list[float] = field(default_factory=list)
     log_call_us: list[float] = field(default_factory=list)
 
-    def add(self, kind: str, ends: list[float]) -> None:
-        self.sps[kind].append(steps_per_second(ends))
+    def add(self, kind: str, ends: list[float], steps: int) -> None:
+        """One run's step end times, cut into windows of ``steps`` steps."""
+        for w in range(0, len(ends) - 1, steps):
+            self.sps[kind].append(steps_per_second(ends[w : w + steps + 1]))
         self.step_ms[kind].append(median_step(ends) * 1000)
 
 
@@ -166,8 +177,8 @@ def ours_loop(work: Workload, session: Path) -> tuple[list[float], float, float]
     run_id = json.loads((session / "session_info.json").read_text())["session_id"]
     points = MlflowClient(work.store).get_metric_history(run_id, "train/loss")
     ends = [m.timestamp / 1000 for m in sorted(points, key=lambda m: m.step)]
-    if len(ends) != work.steps:
-        raise RuntimeError(f"expected {work.steps} train/loss points, got {len(ends)}")
+    if len(ends) != work.total:
+        raise RuntimeError(f"expected {work.total} train/loss points, got {len(ends)}")
     # Tracking cost over the same window, on the tracker's own clock.
     train = [c for c in TimedTracker.calls if c[1]]
     first, last = train[0][2] + train[0][3], train[-1][2] + train[-1][3]
@@ -183,16 +194,19 @@ def hf_loop(work: Workload, out_dir: Path) -> list[float]:
 
     cfg = work.cfg()
     model, adapters, plan = _build(cfg)
-    n, ends = work.steps, []
+    n, ends = work.total, []
+
+    accum = cfg.trainer.grad_accum_steps
 
     class Batches(torch.utils.data.Dataset):
-        """Item ``i`` is step ``i``'s micro-batch, collated on demand (as the others do)."""
+        """Item ``i`` is micro-batch ``i % accum`` of step ``i // accum``, collated on demand
+        (as the others do)."""
 
         def __len__(self) -> int:
-            return n
+            return n * accum
 
         def __getitem__(self, i: int) -> dict:
-            return plan.micro_batches(i)[0]
+            return plan.micro_batches(i // accum)[i % accum]
 
     class SO8TTrainer(Trainer):
         def _get_train_sampler(self, train_dataset=None):
@@ -216,7 +230,7 @@ def hf_loop(work: Workload, out_dir: Path) -> list[float]:
         output_dir=str(out_dir),
         max_steps=n,
         per_device_train_batch_size=1,  # one item = one collated micro-batch
-        gradient_accumulation_steps=t.grad_accum_steps,
+        gradient_accumulation_steps=accum,
         learning_rate=opt.lr,
         weight_decay=opt.weight_decay,
         adam_beta1=opt.betas[0],
@@ -257,23 +271,44 @@ def hf_loop(work: Workload, out_dir: Path) -> list[float]:
 
 
 # -- the interleaved benchmark -----------------------------------------------------------
-def run(root: Path, store: str, steps: int, reps: int) -> Results:
-    """``reps`` rounds of the three loops, order rotated each round (bare-ours-hf,
-    ours-hf-bare, hf-bare-ours, ...), so drift and position effects hit all alike."""
-    work = Workload(root, store, steps)
+def run(
+    root: Path, store: str, steps: int, windows: int, rounds: int, budget_s: float, threads: int
+) -> Results:
+    """Up to ``rounds`` rounds of the three loops, order rotated each round (bare-ours-hf,
+    ours-hf-bare, hf-bare-ours, ...) so drift and position effects hit all alike; a round is
+    only started if the previous one's duration still fits in ``budget_s``.
+
+    ``threads``: torch intra-op threads for all three (0: torch's default, one per core). One
+    thread is the default of ``bench/run.py``: with every core in the intra-op pool, a
+    neighbour's process on a shared machine stalls each parallel region (steps/s swing 10x
+    from one window to the next on 2 cores), while one thread slows down by at most the
+    share taken. It also leaves the framework's background threads a core, as a GPU run
+    does; with ``--threads 0`` they compete with the compute threads instead."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    if threads:
+        torch.set_num_threads(threads)
+    work = Workload(root, store, steps, windows)
     torch.use_deterministic_algorithms(True, warn_only=True)  # what run_training sets
-    bare_loop(Workload(root, store, 3).cfg())  # warm-up: first-call costs, not timed
+    bare_loop(Workload(root, store, 2).cfg())  # warm-up: first-call costs, not timed
     res = Results()
     loops: dict[str, Callable[[int], list[float]]] = {
         "bare": lambda i: bare_loop(work.cfg()),
         "ours": lambda i: _ours(work, root / f"ours-{i}", res),
         "hf": lambda i: hf_loop(work, root / f"hf-{i}"),
     }
-    for i in range(reps):
+    started = last = time.monotonic()
+    for i in range(rounds):
+        now = time.monotonic()
+        if i and now - started + (now - last) > budget_s:
+            break
+        last = now
         for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
             gc.collect()
-            res.add(kind, loops[kind](i))
-            log(f"  overhead round {i + 1}/{reps} {kind:4}: {res.sps[kind][-1]:6.2f} steps/s")
+            res.add(kind, loops[kind](i), steps)
+            rates = " ".join(f"{x:5.2f}" for x in res.sps[kind][-windows:])
+            log(f"  overhead round {i + 1}/{rounds} {kind:4}: {rates} steps/s")
     return res
 
 

@@ -26,6 +26,7 @@ import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from so8t_exp.checkpoint import Checkpointer, RNGState, capture
+from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import CheckpointConfig
 
 
@@ -62,6 +63,9 @@ def sync_save(model, opt, path: Path) -> float:
     return time.perf_counter() - started
 
 
+_BUFFERS = HostBuffers()  # as in the trainer: one set of host buffers for every save
+
+
 def blocked_save(ckpt: Checkpointer, model, opt, sched, step: int) -> float:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started = time.perf_counter()
@@ -70,6 +74,7 @@ def blocked_save(ckpt: Checkpointer, model, opt, sched, step: int) -> float:
         optimizer=opt,
         scheduler=sched,
         scaler=scaler,
+        buffers=_BUFFERS,
         rng=RNGState.now(),
         state={"progress": {"step": step}},
     )

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
 from so8t_exp.checkpoint import Checkpointer, capture, restore
+from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import validate
 from so8t_exp.evaluate import evaluate
 from so8t_exp.export import export_final
@@ -41,6 +42,7 @@ class TrainingRun:
         self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
         self.session = Session(session_dir)
         self.pending_metrics: dict[str, float] = {}
+        self.host_buffers = HostBuffers()
         self.notify = build.build_notifiers(cfg)
         self.source = build.build_source(cfg)
 
@@ -187,6 +189,7 @@ class TrainingRun:
         finally:
             if monitor is not None:
                 monitor.stop()
+            self.checkpointer.close()
 
     def _loop(self, stop: StopRequest) -> None:
         t, p = self.cfg.trainer, self.trainer.progress
@@ -233,6 +236,7 @@ class TrainingRun:
     def _save(self, kind: str, wait: bool = False) -> None:
         tr = self.trainer
         started = time.perf_counter()
+        self.checkpointer.drain()  # the host buffers below are reused: the last write is done
         state = {
             "progress": tr.progress.as_dict(),
             "config": self.fingerprint,
@@ -254,6 +258,7 @@ class TrainingRun:
             scaler=tr.scaler,
             rng=tr.rng_at_boundary(),
             state=state,
+            buffers=self.host_buffers,
         )
         self.checkpointer.last_save_seconds = tr.progress.train_seconds
         self.checkpointer.save(kind, tr.progress.step, payload, wait=wait)

@@ -100,6 +100,11 @@ class Checkpointer:
         self.drain()
         return self.mirror.drain(timeout)
 
+    def close(self) -> None:
+        """No more saves: let the mirror thread end once its queue is done."""
+        self.drain()
+        self.mirror.close()
+
     def _write(self, name: str, kind: str, step: int, payload: fmt.Payload) -> None:
         try:
             fmt.write(self.root, name, payload, self._pause)

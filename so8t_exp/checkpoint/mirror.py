@@ -50,6 +50,7 @@ class Mirror:
         self._pending: list[tuple[str, int]] = []
         self._cond = threading.Condition()
         self._busy = False
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="so8t-mirror", daemon=True)
         self._thread.start()
 
@@ -65,10 +66,18 @@ class Mirror:
         with self._cond:
             return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
 
+    def close(self) -> None:
+        """Stop the thread once the queue is empty (call after :meth:`drain`)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending)
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
                 name, step = self._pending.pop(0)
                 self._busy = True
             try:

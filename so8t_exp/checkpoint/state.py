@@ -60,18 +60,36 @@ class RNGState:
         )
 
 
-def _host_copy(t: torch.Tensor) -> torch.Tensor:
-    # A copy the training thread may keep mutating the original of.
-    return t.detach().to("cpu", copy=True)
+class HostBuffers:
+    """Host-memory copies of the state, reused from one save to the next.
+
+    Allocating ~GBs afresh for every snapshot costs far more than the copy itself (page
+    faults); saves never overlap, so one set of buffers serves them all. The caller must
+    not capture again before the previous payload has been written (the checkpointer
+    drains first)."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, key: str, t: torch.Tensor) -> torch.Tensor:
+        # A copy the training thread may keep mutating the original of.
+        t = t.detach()
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
+        return buf.copy_(t)
 
 
-def optimizer_payload(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def optimizer_payload(
+    optimizer: torch.optim.Optimizer, buffers: HostBuffers | None = None
+) -> tuple[dict, dict]:
+    buffers = buffers or HostBuffers()
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}/{key}"] = _host_copy(value)
+                tensors[f"{idx}/{key}"] = buffers.copy(f"optimizer/{idx}/{key}", value)
             else:
                 scalars[f"{idx}/{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -86,15 +104,24 @@ def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict, doc: dict) -
 
 
 def capture(
-    *, params: dict[str, torch.Tensor], optimizer, scheduler, scaler, rng: RNGState, state: dict
+    *,
+    params: dict[str, torch.Tensor],
+    optimizer,
+    scheduler,
+    scaler,
+    rng: RNGState,
+    state: dict,
+    buffers: HostBuffers | None = None,
 ) -> Payload:
-    """Snapshot into host memory (the training thread's only share of a save)."""
-    opt_tensors, opt_doc = optimizer_payload(optimizer)
+    """Snapshot into host memory (the training thread's only share of a save); with
+    ``buffers``, into the same memory as the previous snapshot."""
+    buffers = buffers or HostBuffers()
+    opt_tensors, opt_doc = optimizer_payload(optimizer, buffers)
     rng_tensors, rng_doc = rng.to_payload()
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     return Payload(
         tensors={
-            "weights": {name: _host_copy(p) for name, p in params.items()},
+            "weights": {name: buffers.copy(f"weights/{name}", p) for name, p in params.items()},
             "optimizer": opt_tensors,
             "rng": rng_tensors,
         },
