@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -115,3 +116,22 @@ def only_run(store: str, experiment: str = "so8t"):
 
 def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def stop_at_step(
+    tmp_path: Path,
+    store: str,
+    run_dir: Path,
+    overrides,
+    step: int,
+    sig: int = signal.SIGKILL,
+    env=None,
+) -> subprocess.Popen:
+    """Start a trainer, wait until it has checkpointed step ``step``, send ``sig``, wait."""
+    proc = start_train(tmp_path, store, run_dir, *overrides, env=env)
+    wait_for(
+        lambda: session_info(run_dir).get("current_step", 0) >= step, proc=proc, what=f"step {step}"
+    )
+    proc.send_signal(sig)
+    proc.wait(60)
+    return proc

@@ -16,6 +16,7 @@ from tests.conftest import (
     run_train,
     session_info,
     start_train,
+    stop_at_step,
     subprocess_env,
     wait_for,
 )
@@ -41,16 +42,9 @@ def run_resume(tmp_path: Path, store: str, *overrides: str, env=None, cwd=None):
     )
 
 
-def killed_run(tmp_path: Path, store: str, at_step: int = 8, sig=signal.SIGKILL) -> Path:
+def killed_run(tmp_path: Path, store: str, at_step: int = 8) -> Path:
     run_dir = tmp_path / "run"
-    proc = start_train(tmp_path, store, run_dir, *OVERRIDES)
-    wait_for(
-        lambda: session_info(run_dir).get("current_step", 0) >= at_step,
-        proc=proc,
-        what=f"step {at_step}",
-    )
-    proc.send_signal(sig)
-    proc.wait(60)
+    stop_at_step(tmp_path, store, run_dir, OVERRIDES, at_step)
     return run_dir
 
 
