@@ -168,6 +168,7 @@ class ResumeConfig:
     max_age_hours: float = 168.0  # older sessions are expired, not resumed
     claim_grace_seconds: float = 120.0  # a fresh claim by another launcher is respected
     log_dir: str | None = None  # trainer output; default <session>/resume_logs
+    in_process: bool = True  # run the trainer in the launcher's process (faster start)
 
 
 @dataclass

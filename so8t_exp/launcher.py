@@ -19,9 +19,12 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import TextIO
 
 import psutil
 
@@ -227,40 +230,76 @@ class Launcher:
         ]
 
     def launch(self, run: RunRecord | None, overrides: list[str]) -> int:
-        """Run the trainer in the foreground, its output to the console and a log file."""
+        """Run the trainer in the foreground (in this process unless ``resume.in_process``
+        is off); its output goes to the console and a log file."""
         logs = (
             self.cfg.log_dir
             and Path(self.cfg.log_dir)
             or (run.session_dir / "resume_logs" if run and run.session_dir else None)
         )
         cmd = [sys.executable, "-m", "so8t_exp.train", *overrides]
-        log.info("launching: %s", " ".join(_masked(cmd)))
-        log_file = None
-        if logs is not None:
-            logs.mkdir(parents=True, exist_ok=True)
-            stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-            log_file = open(logs / f"train_{stamp}.log", "a", encoding="utf-8")  # noqa: SIM115
+        where = "in this process" if self.cfg.in_process else "as a child process"
+        log.info("launching: %s (%s)", " ".join(_masked(cmd)), where)
+        with _tee_output(logs):
+            if self.cfg.in_process:
+                from so8t_exp.train import run_in_process  # torch & co. load only now
+
+                return run_in_process(overrides)
+            return _run_child(cmd)
+
+
+def _run_child(cmd: list[str]) -> int:
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+        bufsize=1,
+    )
+    # Ctrl-C reaches the trainer too, which stops cleanly; the launcher stays to report
+    # how it ended instead of dying first with a traceback.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell
+
+
+class _Tee:
+    """A text stream that also copies everything to a log file."""
+
+    def __init__(self, stream: TextIO, copy: TextIO) -> None:
+        self._stream, self._copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self._copy.write(text)
+        self._copy.flush()  # the log must hold everything up to a crash
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def __getattr__(self, name: str):  # isatty, encoding, fileno, ... of the console
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def _tee_output(folder: Path | None) -> Iterator[None]:
+    """Copy stdout and stderr to ``folder/train_<time>.log`` while the trainer runs."""
+    if folder is None:
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out, err = sys.stdout, sys.stderr
+    with open(folder / f"train_{stamp}.log", "a", encoding="utf-8", errors="replace") as copy:
+        sys.stdout, sys.stderr = _Tee(out, copy), _Tee(err, copy)
         try:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                encoding="utf-8",
-                errors="replace",
-                bufsize=1,
-            )
-            # Ctrl-C reaches the trainer too, which stops cleanly; the launcher stays to
-            # report how it ended instead of dying first with a traceback.
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            for line in proc.stdout:
-                sys.stdout.write(line)
-                if log_file is not None:
-                    log_file.write(line)
-                    log_file.flush()
-            code = proc.wait()
-            signal.signal(signal.SIGINT, previous)
-            return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell
+            yield
         finally:
-            if log_file is not None:
-                log_file.close()
+            sys.stdout, sys.stderr = out, err

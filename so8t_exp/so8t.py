@@ -35,6 +35,7 @@ class SO8TAdapter(nn.Module):
         self.scale = nn.Parameter(torch.zeros(()))  # λ
         self.register_buffer("alpha", torch.zeros(()), persistent=False)
         self.last_delta: torch.Tensor | None = None  # for the PET regulariser
+        self.last_rotation: torch.Tensor | None = None  # for rotation_health, no grad
 
     def skew(self) -> torch.Tensor:
         a = self.skew_params.new_zeros(self.blocks, BLOCK, BLOCK)
@@ -48,7 +49,9 @@ class SO8TAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.proj.to(x.dtype)
         z = (x @ p.T).unflatten(-1, (self.blocks, BLOCK))  # (..., k, 8)
-        rot_minus_i = self.rotation().to(x.dtype) - torch.eye(BLOCK, dtype=x.dtype, device=x.device)
+        rotation = self.rotation()
+        self.last_rotation = rotation.detach()
+        rot_minus_i = rotation.to(x.dtype) - torch.eye(BLOCK, dtype=x.dtype, device=x.device)
         moved = torch.einsum("...kj,kij->...ki", z, rot_minus_i).flatten(-2)
         delta = self.scale.to(x.dtype) * (moved @ p)
         self.last_delta = delta if self.training else None
@@ -173,11 +176,16 @@ def pet_loss(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> t
 
 @torch.no_grad()
 def rotation_health(adapters: list[SO8TAdapter]) -> dict[str, float]:
-    """Worst ‖RᵀR − I‖_F and |det R − 1| over all blocks (both ~1e-6 when healthy)."""
+    """Worst ‖RᵀR − I‖_F and |det R − 1| over all blocks (both ~1e-6 when healthy), of the
+    rotations the last forward pass applied (computed afresh for an adapter not run yet):
+    logged every step, so it must not redo each adapter's matrix exponential."""
     if not adapters:
         return {}
-    rots = torch.cat([a.rotation() for a in adapters]).double()
+    rots = torch.cat(
+        [a.rotation() if a.last_rotation is None else a.last_rotation for a in adapters]
+    ).double()
     eye = torch.eye(BLOCK, dtype=rots.dtype, device=rots.device)
-    ortho = torch.linalg.matrix_norm(rots.transpose(1, 2) @ rots - eye).max().item()
-    det = (torch.linalg.det(rots) - 1).abs().max().item()
+    ortho = torch.linalg.matrix_norm(rots.transpose(1, 2) @ rots - eye).max()
+    det = (torch.linalg.det(rots) - 1).abs().max()
+    ortho, det = torch.stack([ortho, det]).tolist()  # one device sync, not two
     return {"so8t/ortho_error": ortho, "so8t/det_error": det}

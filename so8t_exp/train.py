@@ -9,10 +9,12 @@ Examples::
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
@@ -52,6 +54,31 @@ def _app(cfg: DictConfig) -> int:
 
 def main() -> None:
     _app()
+
+
+def run_in_process(overrides: list[str]) -> int:
+    """What ``python -m so8t_exp.train *overrides`` does — Hydra output folder, logs, exit
+    code — but in this process, so a caller that has imported the heavy libraries already
+    (the resume launcher) does not pay for a second interpreter."""
+    argv, root = sys.argv, logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    GlobalHydra.instance().clear()  # the caller may be a Hydra app itself
+    sys.argv = [argv[0], *overrides]
+    try:
+        _app()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    finally:
+        sys.argv = argv
+        GlobalHydra.instance().clear()
+        # Hydra pointed the root logger at the session's log; give the caller its own back
+        # (closed file handlers reopen on the next record).
+        for handler in set(root.handlers) - set(handlers):
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return code
 
 
 if __name__ == "__main__":

@@ -149,7 +149,6 @@ class Trainer:
     def so8t_metrics(self) -> dict[str, float]:
         out = so8t.rotation_health(self.adapters)
         if self.adapters:
-            out["so8t/lambda_abs_mean"] = float(
-                torch.stack([a.scale.detach().abs() for a in self.adapters]).mean()
-            )
+            scales = torch.stack([a.scale for a in self.adapters]).detach()
+            out["so8t/lambda_abs_mean"] = float(scales.abs().mean())
         return out

@@ -135,3 +135,43 @@ def stop_at_step(
     proc.send_signal(sig)
     proc.wait(60)
     return proc
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, proxied artifacts): its URI."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path / "server"
+    home.mkdir()
+    cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", sqlite_uri(home / "srv.db")]
+    cmd += ["--artifacts-destination", str(home / "artifacts")]
+    with open(home / "server.log", "w") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=home, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    uri = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(healthy, proc=proc, timeout=180, what="mlflow server")
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -55,20 +55,52 @@ def assert_finished_once(store: str, run_id: str) -> None:
     assert steps == list(range(1, STEPS + 1))
 
 
-def test_sigkilled_run_is_finished_by_the_launcher_from_another_directory(tmp_path, store):
+@pytest.mark.parametrize("in_process", ["true", "false"])
+def test_sigkilled_run_is_finished_by_the_launcher_from_another_directory(
+    tmp_path, store, in_process
+):
     run_dir = killed_run(tmp_path, store)
     run_id = session_info(run_dir)["session_id"]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     dry = run_resume(tmp_path, store, "resume.dry_run=true", cwd=elsewhere)
     assert dry.returncode == 0 and f"{run_id}" in dry.stdout and "resume" in dry.stdout
-    out = run_resume(tmp_path, store, cwd=elsewhere)
+    out = run_resume(tmp_path, store, f"resume.in_process={in_process}", cwd=elsewhere)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    mode = "in this process" if in_process == "true" else "as a child process"
+    assert "launching: " in out.stdout and mode in out.stdout
     assert_finished_once(store, run_id)
     logs = list((run_dir / "resume_logs").glob("train_*.log"))
     assert logs and "finished" in logs[0].read_text()
+    # the trainer wrote its own Hydra output and log into the session folder, as a fresh start
+    assert "finished" in (run_dir / "train.log").read_text()
+    assert "so8t.resume.claim.1" in only_run(store)[1].data.params
     again = run_resume(tmp_path, store)
     assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+def test_sigterm_to_the_launcher_stops_its_trainer_cleanly(tmp_path, store):
+    """In-process, the trainer's own signal handling applies: emergency checkpoint, exit
+    128+15, and the run stays resumable with every metric step logged once."""
+    run_dir = tmp_path / "run"
+    stop_at_step(tmp_path, store, run_dir, (*OVERRIDES, "trainer.max_steps=100000"), 4)
+    run_id = session_info(run_dir)["session_id"]
+    proc = subprocess.Popen(
+        resume_cmd(store),
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 10, proc=proc, what="step 10")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM
+    info = session_info(run_dir)
+    assert info["status"] == "interrupted" and info["current_step"] >= 10
+    client, run = only_run(store)
+    assert run.info.run_id == run_id and run.info.status == "KILLED"
+    steps = [s for s, _ in history(client, run_id, "train/loss")]
+    assert steps == list(range(1, info["current_step"] + 1))
 
 
 def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
@@ -79,6 +111,26 @@ def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "from MLflow artifacts" in out.stdout + out.stderr
     assert_finished_once(store, run_id)
+
+
+def test_checkpoints_travel_through_a_real_tracking_server(tmp_path, mlflow_server):
+    """Against ``mlflow server`` (artifacts proxied over HTTP): the mirror uploads and
+    prunes there, and a run whose session folder is gone resumes from the server's copy."""
+    run_dir = killed_run(tmp_path, mlflow_server, at_step=12)
+    run_id = session_info(run_dir)["session_id"]
+    client, _ = only_run(mlflow_server)
+    wait_for(
+        lambda: client.get_run(run_id).data.tags.get("so8t.checkpoint.latest"), what="a mirror"
+    )
+    remote = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    assert 1 <= len(remote) <= 5, remote  # checkpoint.keep=5 applies to the copy too
+    shutil.rmtree(run_dir)
+    out = run_resume(tmp_path, mlflow_server)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "from MLflow artifacts" in out.stdout + out.stderr
+    assert_finished_once(mlflow_server, run_id)
+    final = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+    assert any(p.endswith("final-step00000040") for p in final), final
 
 
 def test_two_launchers_at_once_resume_the_run_once(tmp_path, store):

@@ -235,6 +235,20 @@ def test_forward_records_last_delta_only_in_training():
     assert adapter.last_delta is None
 
 
+def test_rotation_health_reads_the_rotation_the_last_forward_applied():
+    adapter = SO8TAdapter(hidden=16, blocks=2)
+    randomize([adapter], alpha=0.7)
+    assert adapter.last_rotation is None
+    fresh = so8t.rotation_health([adapter])  # before any forward: computed afresh
+    adapter(torch.randn(1, 4, 16))
+    torch.testing.assert_close(adapter.last_rotation, adapter.rotation(), rtol=0, atol=0)
+    assert not adapter.last_rotation.requires_grad
+    assert so8t.rotation_health([adapter]) == fresh
+    # a broken rotation shows up in the metric (what the health check is for)
+    adapter.last_rotation = adapter.last_rotation * 1.01
+    assert so8t.rotation_health([adapter])["so8t/ortho_error"] > 1e-3
+
+
 def test_lora_then_adapters_keeps_identity_and_trains_both():
     model, tok = tiny_model()
     ids = input_ids(len(tok))

@@ -89,6 +89,7 @@ class Tracker:
         self.client = MlflowClient(tracking_uri=self.uri)
         self.flush_interval = flush_interval
         self.run_id: str | None = None
+        self._repos: dict[str, Any] = {}  # run id -> its artifact repository
         self.metrics: MetricBuffer | None = None
 
     def experiment_id(self, name: str) -> str:
@@ -193,10 +194,7 @@ class Tracker:
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> bool:
         return self.safely(
             f"upload {local_dir}",
-            self.client.log_artifacts,
-            self.run_id,
-            str(local_dir),
-            artifact_path,
+            lambda: self._artifact_repo().log_artifacts(str(local_dir), artifact_path),
         )
 
     # -- checkpoint mirror (used by so8t_exp.checkpoint.Checkpointer) --------------------
@@ -205,15 +203,23 @@ class Tracker:
         manifest (or mismatching files) and never verifies."""
         dest = f"{CHECKPOINT_ARTIFACTS}/{folder.name}"
         files = sorted(folder.iterdir(), key=lambda p: p.name == "manifest.json")
-        return all(
-            self.safely(f"upload {p.name}", self.client.log_artifact, self.run_id, str(p), dest)
-            for p in files
-        )
+        return all(self.safely(f"upload {p.name}", self._upload, p, dest) for p in files)
+
+    def _upload(self, path: Path, dest: str) -> None:
+        self._artifact_repo().log_artifact(str(path), dest)
 
     def _artifact_repo(self):
-        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        """The run's artifact repository, resolved once per run: going through the client
+        costs a ``get_run`` per call, which loads the whole run (every param, tag and latest
+        metric) — most of the mirror thread's time, and GIL the training thread waits for."""
+        repo = self._repos.get(self.run_id)
+        if repo is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        return get_artifact_repository(self.client.get_run(self.run_id).info.artifact_uri)
+            uri = self.client.get_run(self.run_id).info.artifact_uri
+            repo = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
+            self._repos[self.run_id] = repo
+        return repo
 
     def delete_checkpoint(self, name: str) -> bool:
         return self.safely(
@@ -223,7 +229,7 @@ class Tracker:
 
     def list_checkpoints(self) -> list[str]:
         try:
-            entries = self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACTS)
+            entries = self._artifact_repo().list_artifacts(CHECKPOINT_ARTIFACTS)
         except Exception as err:
             log.warning("MLflow: could not list checkpoints: %s", err)
             return []
@@ -234,8 +240,8 @@ class Tracker:
         staging = dest.parent / f"{dest.name}.download"
         staging.mkdir(parents=True, exist_ok=True)
         try:
-            got = self.client.download_artifacts(
-                self.run_id, f"{CHECKPOINT_ARTIFACTS}/{name}", str(staging)
+            got = self._artifact_repo().download_artifacts(
+                f"{CHECKPOINT_ARTIFACTS}/{name}", str(staging)
             )
             os.replace(got, dest)
             return True
