@@ -51,6 +51,7 @@ class Mirror:
         self._cond = threading.Condition()
         self._busy = False
         self._closed = False
+        self._remote: set[str] | None = None  # checkpoint names in MLflow, once listed
         self._thread = threading.Thread(target=self._run, name="so8t-mirror", daemon=True)
         self._thread.start()
 
@@ -94,9 +95,17 @@ class Mirror:
         if self.store is None:
             self.on_mirrored(name, step)
         elif folder.is_dir() and self.store.upload_checkpoint(folder):
-            remote = self.store.list_checkpoints()
-            for doomed in set(rolling_beyond_keep(remote, self.keep)) & set(remote):
-                self.store.delete_checkpoint(doomed)
+            # Listed once per run, then kept up to date here: a listing per upload is as
+            # much work as the upload itself.
+            remote = self._remote
+            if remote is None:
+                remote = set(self.store.list_checkpoints())
+                # (just uploaded: a listing without it failed, so list again next time)
+                self._remote = remote if name in remote else None
+            remote.add(name)
+            for doomed in rolling_beyond_keep(sorted(remote), self.keep):
+                if self.store.delete_checkpoint(doomed):
+                    remote.discard(doomed)
             self.on_mirrored(name, step)  # only now is it in MLflow
 
     def fetch_newest(self) -> Path | None:

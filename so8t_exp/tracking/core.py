@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param, RunTag
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
+from so8t_exp.fsutil import link_or_copy
 from so8t_exp.paths import PACKAGE_DIR, default_tracking_uri
 from so8t_exp.tracking.metrics import START_RETRY_SECONDS, MetricBuffer, retry
 
@@ -206,7 +209,14 @@ class Tracker:
         return all(self.safely(f"upload {p.name}", self._upload, p, dest) for p in files)
 
     def _upload(self, path: Path, dest: str) -> None:
-        self._artifact_repo().log_artifact(str(path), dest)
+        repo = self._artifact_repo()
+        if isinstance(repo, LocalArtifactRepository):
+            # Same machine: a hard link costs no disk and no copy, and skips the path checks
+            # MLflow makes per file — Python work that would hold the GIL the training
+            # thread needs (checkpoint files are never changed in place, so sharing is safe).
+            link_or_copy(path, Path(repo.artifact_dir) / dest / path.name)
+        else:
+            repo.log_artifact(str(path), dest)
 
     def _artifact_repo(self):
         """The run's artifact repository, resolved once per run: going through the client
@@ -214,8 +224,6 @@ class Tracker:
         metric) — most of the mirror thread's time, and GIL the training thread waits for."""
         repo = self._repos.get(self.run_id)
         if repo is None:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-
             uri = self.client.get_run(self.run_id).info.artifact_uri
             repo = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
             self._repos[self.run_id] = repo
