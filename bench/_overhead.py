@@ -91,12 +91,19 @@ class Results:
     step_ms: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
     log_fraction: list[float] = field(default_factory=list)
     log_call_us: list[float] = field(default_factory=list)
+    rounds: list[dict[str, float]] = field(default_factory=list)  # per round: median steps/s
 
     def add(self, kind: str, ends: list[float], steps: int) -> None:
         """One run's step end times, cut into windows of ``steps`` steps."""
-        for w in range(0, len(ends) - 1, steps):
-            self.sps[kind].append(steps_per_second(ends[w : w + steps + 1]))
+        rates = [steps_per_second(ends[w : w + steps + 1]) for w in range(0, len(ends) - 1, steps)]
+        self.sps[kind].extend(rates)
         self.step_ms[kind].append(median_step(ends) * 1000)
+        self.rounds[-1][kind] = median(rates)
+
+    def paired(self, kind: str, base: str) -> float:
+        """Median over rounds of (``kind`` / ``base``) steps/s within the same round: runs
+        a minute apart share the machine's state, so drift in a neighbour's load cancels."""
+        return median([r[kind] / r[base] for r in self.rounds if kind in r and base in r])
 
 
 # -- the three loops ---------------------------------------------------------------------
@@ -304,6 +311,7 @@ def run(
         if i and now - started + (now - last) > budget_s:
             break
         last = now
+        res.rounds.append({})
         for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
             gc.collect()
             res.add(kind, loops[kind](i), steps)

@@ -18,9 +18,10 @@ throughput_ratio_vs_hf_trainer
     Steps/s are measured over windows of N steps starting at the end of step 1, so start-up
     (model build, MLflow run creation), the first step and the final save are outside them:
     ours from the MLflow timestamps of ``train/loss``, bare and HF from ``perf_counter`` at
-    each step end. Rounds are interleaved with the order rotated; each ratio is a ratio of
-    medians over all windows. The loops run with one torch intra-op thread unless
-    ``--threads`` says otherwise (why: ``bench/_overhead.py``).
+    each step end. Rounds are interleaved with the order rotated; each ratio is the median
+    over rounds of the ratio within a round (the ratio of medians over all windows is in
+    the JSON too, as ``overhead_ratio_of_medians``). The loops run with one torch
+    intra-op thread unless ``--threads`` says otherwise (why: ``bench/_overhead.py``).
 checkpoint_stall_ratio
     Seconds a checkpoint blocks the training thread over a synchronous ``torch.save`` + fsync
     of the same full fine-tuning state (functions of ``bench/checkpoint_stall.py``; 116M
@@ -129,8 +130,11 @@ def bench_overhead(root: Path, plan: Plan, started: float) -> dict:
         "windows": len(res.sps["ours"]),
         "steps_per_sec": sps,
         "median_step_ms": step_ms,
-        "overhead_ratio_vs_bare": sps["ours"] / sps["bare"],
-        "throughput_ratio_vs_hf_trainer": sps["ours"] / sps["hf"],
+        "overhead_ratio_vs_bare": res.paired("ours", "bare"),
+        "throughput_ratio_vs_hf_trainer": res.paired("ours", "hf"),
+        "overhead_ratio_of_medians": sps["ours"] / sps["bare"],
+        "hf_ratio_of_medians": sps["ours"] / sps["hf"],
+        "overhead_ratio_per_round": [r["ours"] / r["bare"] for r in res.rounds],
         "overhead_ratio_median_step": step_ms["bare"] / step_ms["ours"],
         "logging_overhead_fraction": median(res.log_fraction),
         "log_metrics_call_us": median(res.log_call_us),
@@ -228,9 +232,15 @@ def table(m: dict, r: dict, runtime: float, mode: str) -> str:
         (
             "   overhead_ratio_vs_bare",
             f"{o['overhead_ratio_vs_bare']:8.3f}   "
-            f"(by median step {o['overhead_ratio_median_step']:.3f})",
+            f"(rounds {' '.join(f'{x:.3f}' for x in o['overhead_ratio_per_round'])}; "
+            f"of medians {o['overhead_ratio_of_medians']:.3f}, "
+            f"by median step {o['overhead_ratio_median_step']:.3f})",
         ),
-        ("   throughput_ratio_vs_hf_trainer", f"{o['throughput_ratio_vs_hf_trainer']:8.3f}"),
+        (
+            "   throughput_ratio_vs_hf_trainer",
+            f"{o['throughput_ratio_vs_hf_trainer']:8.3f}   "
+            f"(of medians {o['hf_ratio_of_medians']:.3f})",
+        ),
         (
             "2. checkpoint stall",
             f"{s['params_millions']:.1f} M parameters + AdamW state, "
@@ -279,6 +289,9 @@ def result_line(m: dict, r: dict, runtime: float, mode: str) -> dict:
         "steps_per_sec": o["steps_per_sec"],
         "median_step_ms": o["median_step_ms"],
         "overhead_ratio_median_step": o["overhead_ratio_median_step"],
+        "overhead_ratio_of_medians": o["overhead_ratio_of_medians"],
+        "overhead_ratio_per_round": o["overhead_ratio_per_round"],
+        "hf_ratio_of_medians": o["hf_ratio_of_medians"],
         "overhead_rounds": o["rounds"],
         "overhead_windows": o["windows"],
         "overhead_steps_per_window": o["steps"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
@@ -107,6 +108,12 @@ def test_checkpoint_mirror_round_trip(tmp_path: Path, store: str):
     (folder / "manifest.json").write_text("{}")
     assert tracker.upload_checkpoint(folder)
     assert tracker.list_checkpoints() == ["rolling-step00000003"]
+    # a local artifact store gets hard links: no second copy on the same disk ...
+    copy = Path(tracker._artifact_repo().artifact_dir) / "checkpoints" / folder.name
+    assert (copy / "a.safetensors").stat().st_ino == (folder / "a.safetensors").stat().st_ino
+    assert sorted(p.name for p in copy.iterdir()) == ["a.safetensors", "manifest.json"]
+    shutil.rmtree(folder)  # ... that outlive the local checkpoint's pruning
+    assert (copy / "a.safetensors").read_bytes() == b"x" * 100
     dest = tmp_path / "restore" / "rolling-step00000003"
     dest.parent.mkdir()
     assert tracker.download_checkpoint("rolling-step00000003", dest)
