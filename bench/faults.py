@@ -329,12 +329,16 @@ def wait_group_gone(pgid: int, timeout: float) -> bool:
 
 
 def trainer_pid(proc) -> int | None:
-    """The ``so8t_exp.train`` process of ``proc`` (itself, or a launcher's child)."""
+    """The process training in ``proc``: a ``so8t_exp.train`` (itself, or the child of a
+    launcher run with ``resume.in_process=false``), else the ``so8t_exp.resume`` launcher,
+    which trains in its own process by default."""
     try:
         parent = psutil.Process(proc.pid)
-        for p in [parent, *parent.children(recursive=True)]:
-            if "so8t_exp.train" in " ".join(p.cmdline()) and p.status() != "zombie":
-                return p.pid
+        family = [p for p in [parent, *parent.children(recursive=True)] if p.status() != "zombie"]
+        for entry in ("so8t_exp.train", "so8t_exp.resume"):
+            for p in family:
+                if entry in " ".join(p.cmdline()):
+                    return p.pid
     except psutil.Error:
         pass
     return None
