@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
     history,
@@ -101,6 +102,28 @@ def test_sigterm_to_the_launcher_stops_its_trainer_cleanly(tmp_path, store):
     assert run.info.run_id == run_id and run.info.status == "KILLED"
     steps = [s for s, _ in history(client, run_id, "train/loss")]
     assert steps == list(range(1, info["current_step"] + 1))
+
+
+def test_resume_all_finishes_every_dead_run_in_one_process(tmp_path, store):
+    """``resume.all``: several sessions trained one after another by the same in-process
+    launcher (Hydra, logging and the frozen heap are set up and torn down each time)."""
+    dirs = [tmp_path / "run-a", tmp_path / "run-b"]
+    for run_dir in dirs:
+        stop_at_step(tmp_path, store, run_dir, OVERRIDES, 8)
+    ids = {session_info(d)["session_id"] for d in dirs}
+    out = run_resume(tmp_path, store, "resume.all=true")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.stdout.count("launching: ") == 2
+    client = MlflowClient(store)
+    for run_id in ids:
+        assert client.get_run(run_id).info.status == "FINISHED"
+        steps = [s for s, _ in history(client, run_id, "train/loss")]
+        assert steps == list(range(1, STEPS + 1))
+    for run_dir, other in (dirs, dirs[::-1]):  # each trainer logged to its own folder
+        text = (run_dir / "train.log").read_text()
+        assert f"resuming from checkpoint {run_dir}/checkpoints" in text
+        assert str(other) not in text
+        assert session_info(run_dir)["status"] == "completed"
 
 
 def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
