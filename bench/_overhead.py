@@ -28,6 +28,7 @@ the wall time from the end of step 1 to the end of the last step.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -43,7 +44,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 import so8t_exp.run as so8t_run
-from so8t_exp import build, data, so8t
+from so8t_exp import build, data, objective, so8t
 from so8t_exp.build import seed_everything
 from so8t_exp.run import run_training
 from so8t_exp.tracking import Tracker
@@ -108,10 +109,7 @@ class Results:
 
 # -- the three loops ---------------------------------------------------------------------
 def _plan(cfg: DictConfig, tokenizer) -> data.BatchPlan:
-    dataset = data.load_dataset(cfg.data)
-    examples = [
-        data.encode(r, tokenizer, cfg.data.max_length, cfg.data.mask_prompt) for r in dataset.train
-    ]
+    examples, _too_long = build.encode_records(cfg, tokenizer, data.load_dataset(cfg.data).train)
     t = cfg.trainer
     return data.BatchPlan(
         examples, t.micro_batch_size, t.grad_accum_steps, cfg.seed, tokenizer.pad_token_id
@@ -120,9 +118,9 @@ def _plan(cfg: DictConfig, tokenizer) -> data.BatchPlan:
 
 def _build(cfg: DictConfig):
     seed_everything(cfg.seed, cfg.trainer.deterministic)
-    model, tokenizer, adapters = build.build_model(cfg, build.build_source(cfg))
+    model, tokenizer, adapters, head = build.build_model(cfg, build.build_source(cfg))
     model.train()
-    return model, adapters, _plan(cfg, tokenizer)
+    return model, adapters, head, _plan(cfg, tokenizer)
 
 
 def _scheduler(cfg: DictConfig, optimizer):
@@ -134,19 +132,20 @@ def _scheduler(cfg: DictConfig, optimizer):
 
 def bare_loop(cfg: DictConfig) -> list[float]:
     """The same maths as ``so8t_exp.trainer.Trainer.train_step``, nothing else."""
-    model, adapters, plan = _build(cfg)
+    model, adapters, head, plan = _build(cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build.build_optimizer(cfg, params)
     scheduler = _scheduler(cfg, optimizer)
     n, ends = cfg.trainer.max_steps, []
+    head_weight = cfg.model.safety_head.loss_weight
     for step in range(n):
         so8t.set_alpha(adapters, so8t.alpha_at(step, cfg.model.so8t.alpha_gate, n))
         pet_weight = so8t.pet_weight_at(step, cfg.model.so8t.pet, n)
         micro = plan.micro_batches(step)
+        counts = objective.Counts.of(micro)
         for batch in micro:
-            out = model(**batch)
-            pet = so8t.pet_loss(adapters, batch["attention_mask"])
-            ((out.loss.float() + pet_weight * pet) / len(micro)).backward()
+            out = objective.forward(model, adapters, head, batch, contextlib.nullcontext)
+            out.loss(counts, pet_weight, head_weight).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.trainer.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -200,7 +199,7 @@ def hf_loop(work: Workload, out_dir: Path) -> list[float]:
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     cfg = work.cfg()
-    model, adapters, plan = _build(cfg)
+    model, adapters, head, plan = _build(cfg)
     n, ends = work.total, []
 
     accum = cfg.trainer.grad_accum_steps
@@ -220,11 +219,13 @@ def hf_loop(work: Workload, out_dir: Path) -> list[float]:
             return torch.utils.data.SequentialSampler(train_dataset or self.train_dataset)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # The same objective, averaged per micro-batch as the Trainer does.
             step = self.state.global_step
             so8t.set_alpha(adapters, so8t.alpha_at(step, cfg.model.so8t.alpha_gate, n))
-            out = model(**inputs)
-            pet = so8t.pet_loss(adapters, inputs["attention_mask"])
-            loss = out.loss.float() + so8t.pet_weight_at(step, cfg.model.so8t.pet, n) * pet
+            out = objective.forward(model, adapters, head, inputs, contextlib.nullcontext)
+            pet_weight = so8t.pet_weight_at(step, cfg.model.so8t.pet, n)
+            counts = objective.Counts.of([inputs])
+            loss = out.loss(counts, pet_weight, cfg.model.safety_head.loss_weight)
             return (loss, out) if return_outputs else loss
 
     class StepClock(TrainerCallback):

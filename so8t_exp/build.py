@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from so8t_exp import data, so8t
+from so8t_exp import chat, data, so8t
 from so8t_exp.notify import Notifiers
+from so8t_exp.safety_head import SafetyHead, attach_safety_head
 from so8t_exp.trainer import Trainer, lr_factor
 
 log = logging.getLogger(__name__)
@@ -47,21 +48,23 @@ def build_source(cfg: DictConfig):
     return instantiate(cfg.model.source, _convert_="all")
 
 
-def build_model(cfg: DictConfig, source) -> tuple[torch.nn.Module, object, list]:
-    """Load the base model, freeze it, add LoRA (optional) and the SO8T adapters."""
+def build_model(cfg: DictConfig, source) -> tuple[torch.nn.Module, object, list, SafetyHead | None]:
+    """Load the base model, freeze it, add LoRA (optional), the SO8T adapters and the
+    safety head."""
     model, tokenizer = source.load()
     for name, p in model.named_parameters():
         p.requires_grad_(any(m in name for m in cfg.model.train_base_modules))
     if cfg.model.lora.enabled:
         model = _add_lora(model, cfg.model.lora)
     adapters = so8t.attach_adapters(model, cfg.model.so8t)
+    head = attach_safety_head(model, cfg.model.safety_head)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in model.parameters())
     log.info("model: %d parameters, %d trainable (%d SO8T adapters)", n_all, n_train, len(adapters))
-    return model, tokenizer, adapters
+    return model, tokenizer, adapters, head
 
 
 def _add_lora(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
@@ -85,26 +88,35 @@ def build_optimizer(cfg: DictConfig, params: list[torch.nn.Parameter]) -> torch.
     return instantiate(cfg.trainer.optimizer, params=params, _convert_="all")
 
 
+@dataclass
+class Built:
+    """What a run trains with, besides the model inside ``trainer``."""
+
+    trainer: Trainer
+    tokenizer: object
+    val_batches: list[dict[str, torch.Tensor]]
+    too_long: int  # records skipped: their answer does not fit data.max_length
+
+
+def encode_records(cfg: DictConfig, tokenizer, records: list[data.Record]) -> tuple[list, int]:
+    """Chat-formatted examples of ``records`` and how many were too long to keep."""
+    fmt = chat.ChatFormat.from_tokenizer(tokenizer)
+    d = cfg.data
+    return chat.encode_all(records, fmt, tokenizer, d.max_length, d.mask_prompt)
+
+
 def build_training(
     cfg: DictConfig, source, dataset: data.Dataset, device: torch.device, precision: str
-) -> tuple[Trainer, object, list[dict], list[data.Record]]:
+) -> Built:
     """Model, optimizer, schedule, scaler and batch plan as a :class:`Trainer`, plus the
-    tokenizer, the validation batches and the labelled records for four-class metrics."""
-    model, tokenizer, adapters = build_model(cfg, source)
+    tokenizer and the validation batches (the whole split, unless trainer.eval_max_batches)."""
+    model, tokenizer, adapters, head = build_model(cfg, source)
     model.to(device).train()
-    encode = functools.partial(
-        data.encode,
-        tokenizer=tokenizer,
-        max_length=cfg.data.max_length,
-        mask_prompt=cfg.data.mask_prompt,
-    )
+    train, too_long = encode_records(cfg, tokenizer, dataset.train)
+    val, val_too_long = encode_records(cfg, tokenizer, dataset.val)
     t = cfg.trainer
     plan = data.BatchPlan(
-        [encode(r) for r in dataset.train],
-        t.micro_batch_size,
-        t.grad_accum_steps,
-        cfg.seed,
-        tokenizer.pad_token_id,
+        train, t.micro_batch_size, t.grad_accum_steps, cfg.seed, tokenizer.pad_token_id
     )
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     s = t.scheduler
@@ -112,14 +124,14 @@ def build_training(
         optimizer, lambda step: lr_factor(step, s.warmup_steps, t.max_steps, s.name, s.min_lr_ratio)
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    trainer = Trainer(cfg, model, adapters, optimizer, scheduler, scaler, plan, device, precision)
-    val = [encode(r) for r in dataset.val]
+    trainer = Trainer(
+        cfg, model, adapters, head, optimizer, scheduler, scaler, plan, device, precision
+    )
     mb = t.micro_batch_size
     val_batches = [
         data.collate(val[i : i + mb], tokenizer.pad_token_id) for i in range(0, len(val), mb)
     ][: t.eval_max_batches]
-    labelled = [r for r in dataset.val if r.four_class_label][: t.eval_label_records]
-    return trainer, tokenizer, val_batches, labelled
+    return Built(trainer, tokenizer, val_batches, too_long + val_too_long)
 
 
 def build_notifiers(cfg: DictConfig) -> Notifiers:

@@ -62,12 +62,21 @@ class LoRAConfig:
 
 
 @dataclass
+class SafetyHeadConfig:
+    enabled: bool = True
+    loss_weight: float = 1.0  # weight of the head's cross-entropy beside the LM loss
+    hidden_dim: int = 0  # 0: linear; else one hidden layer of this width
+    dropout: float = 0.0
+
+
+@dataclass
 class ModelConfig:
     source: Any = None  # _target_ node: so8t_exp.model_sources.TinyPhi3 | Pretrained
     so8t: SO8TConfig = field(default_factory=SO8TConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    safety_head: SafetyHeadConfig = field(default_factory=SafetyHeadConfig)
     # Base parameters trained too, by name substring (like peft's modules_to_save); the
-    # tiny default trains lm_head because its random base has nothing to adapt.
+    # tiny default trains lm_head and embed_tokens: its random base has nothing to adapt.
     train_base_modules: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
 
@@ -99,11 +108,11 @@ class TrainerConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     eval_every_n_steps: int = 50
-    eval_max_batches: int | None = None
-    eval_label_records: int = 32  # records scored for the four-class metrics
+    eval_max_batches: int | None = None  # None: the whole validation split
     log_every_n_steps: int = 1
     progress_bar: bool = True
     deterministic: bool = True
+    max_bad_steps: int = 20  # consecutive non-finite steps (skipped) before the run fails
 
 
 @dataclass
@@ -115,6 +124,8 @@ class CheckpointConfig:
     allow_config_change: bool = False
     mirror_to_mlflow: bool = True
     mirror_timeout_seconds: float = 300.0  # at the end, wait this long for the upload
+    best_metric: str | None = "eval/loss"  # kept as best-stepN; None: no best checkpoint
+    best_mode: str = "min"  # min | max
 
 
 @dataclass
@@ -191,6 +202,7 @@ _CHOICES = {
     "data.on_bad_record": {"error", "skip"},
     "trainer.scheduler.name": {"cosine", "linear", "constant"},
     "trainer.precision": {"auto", "fp32", "bf16", "fp16"},
+    "checkpoint.best_mode": {"min", "max"},
 }
 
 
@@ -216,8 +228,25 @@ def validate(cfg: DictConfig) -> None:
             "trainer.log_every_n_steps",
             "data.max_length",
             "model.so8t.blocks",
+            "trainer.max_bad_steps",
         ],
     )
+    best = cfg.checkpoint.best_metric
+    if best is not None and not is_eval_metric(best):
+        raise ConfigError(
+            f"checkpoint.best_metric={best!r}: not an eval metric (one of "
+            f"{[*EVAL_METRICS, *PER_CLASS_RECALL]})"
+        )
+    head = cfg.model.safety_head
+    if best is not None and not head.enabled and best not in ("eval/loss", "eval/perplexity"):
+        raise ConfigError(
+            f"checkpoint.best_metric={best!r} comes from the safety head, which "
+            "model.safety_head.enabled=false turns off"
+        )
+    if head.loss_weight < 0 or head.hidden_dim < 0 or not 0 <= head.dropout < 1:
+        raise ConfigError(
+            "model.safety_head: loss_weight and hidden_dim must be >= 0, dropout in [0, 1)"
+        )
     if cfg.checkpoint.keep < 2:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 2")
     if not 0.0 <= cfg.data.val_fraction < 1.0:
@@ -234,6 +263,23 @@ def validate(cfg: DictConfig) -> None:
     check_target(cfg.trainer.optimizer, "trainer.optimizer", skip=("params",))
     for name, node in cfg.notify.notifiers.items():
         check_target(node, f"notify.notifiers.{name}")
+
+
+EVAL_METRICS = (
+    "eval/loss",
+    "eval/perplexity",
+    "eval/head_loss",
+    "eval/accuracy",
+    "eval/macro_f1",
+    "eval/refuse_recall",
+    "eval/ece",
+)
+PER_CLASS_RECALL = ("eval/recall_allow", "eval/recall_escalation", "eval/recall_deny")
+
+
+def is_eval_metric(name: str) -> bool:
+    """Whether evaluation logs ``name`` (``so8t_exp.evaluate``)."""
+    return name in EVAL_METRICS or name in PER_CLASS_RECALL
 
 
 def _check_positive(cfg: DictConfig, keys: list[str]) -> None:

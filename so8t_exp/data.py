@@ -1,4 +1,6 @@
-"""JSONL instruction data: parsing, the train/validation split, tokenisation, batch order.
+"""JSONL instruction data: parsing, the train/validation split, batches and their order.
+
+(Records become token ids in :mod:`so8t_exp.chat`.)
 
 A record is ``{"instruction", "input", "output"}`` plus optional ``four_class_label``
 (ALLOW, ESCALATION, DENY, REFUSE), ``domain_label`` and ``safety_label``. The order of the
@@ -11,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +24,10 @@ log = logging.getLogger(__name__)
 
 FOUR_CLASS_LABELS = ("ALLOW", "ESCALATION", "DENY", "REFUSE")
 IGNORE_INDEX = -100
+# Records are clipped to data.max_length × this many characters as they are read, so a
+# huge record costs memory by the token budget, not by its size. No tokenizer has tokens
+# this long (Phi-3.5: 16, the bundled one: 36), so a clipped answer is always too long.
+CHARS_PER_TOKEN_BOUND = 64
 
 
 class DataError(ValueError):
@@ -36,6 +42,7 @@ class Record:
     four_class_label: str | None = None
     domain_label: str | None = None
     safety_label: str | None = None
+    output_clipped: bool = False  # the answer was cut short: too long to train on
 
     @property
     def prompt(self) -> str:
@@ -44,6 +51,20 @@ class Record:
     @property
     def text(self) -> str:
         return "\n\n".join(p for p in (self.instruction, self.input, self.output) if p)
+
+    def clipped(self, max_chars: int) -> Record:
+        """This record with its prompt cut to its last ``max_chars`` characters (as the
+        prompt text) and its answer to ``max_chars`` (then marked clipped)."""
+        prompt = self.prompt
+        if len(prompt) <= max_chars and len(self.output) <= max_chars:
+            return self
+        return replace(
+            self,
+            instruction=prompt[-max_chars:],
+            input="",
+            output=self.output[:max_chars],
+            output_clipped=self.output_clipped or len(self.output) > max_chars,
+        )
 
 
 @dataclass
@@ -102,41 +123,32 @@ def read_jsonl(path: Path, on_bad_record: str) -> tuple[list[Record], int]:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Read every file in ``data.files`` and split by a hash of each record's text, so the
-    split is stable whatever the file order and seed."""
-    records, skipped = [], 0
+    """Read every file in ``data.files`` and split by a hash of each record's full text, so
+    the split is stable whatever the file order and seed; records are clipped as read
+    (:data:`CHARS_PER_TOKEN_BOUND`)."""
+    train, val, skipped = [], [], 0
+    max_chars = cfg.max_length * CHARS_PER_TOKEN_BOUND
     for i, name in enumerate(cfg.files):
         path = Path(name)
         if not path.is_file():
             raise ConfigError(f"data.files[{i}]: no such file: {name}")
         got, bad = read_jsonl(path, cfg.on_bad_record)
-        records += got
         skipped += bad
-    if not records:
+        for rec in got:
+            digest = hashlib.sha256(rec.text.encode("utf-8")).digest()
+            is_val = int.from_bytes(digest[:8], "big") / 2**64 < cfg.val_fraction
+            (val if is_val else train).append(rec.clipped(max_chars))
+        del got  # (a huge record is freed before the next file is read)
+    if not train and not val:
         raise ConfigError(f"data.files: no usable records in {list(cfg.files)}")
-    train, val = [], []
-    for rec in records:
-        digest = hashlib.sha256(rec.text.encode("utf-8")).digest()
-        (val if int.from_bytes(digest[:8], "big") / 2**64 < cfg.val_fraction else train).append(rec)
     if not train:
         raise ConfigError(f"data.val_fraction={cfg.val_fraction} leaves no training records")
     return Dataset(train=train, val=val, skipped=skipped)
 
 
-def encode(record: Record, tokenizer, max_length: int, mask_prompt: bool) -> dict:
-    """Token ids and labels; with ``mask_prompt`` only the answer is learned."""
-    prompt = tokenizer(record.prompt, add_special_tokens=False)["input_ids"]
-    answer = tokenizer("\n\n" + record.output, add_special_tokens=False)["input_ids"]
-    ids = [tokenizer.bos_token_id, *prompt, *answer, tokenizer.eos_token_id][:max_length]
-    labels = list(ids)
-    if mask_prompt:
-        n_prompt = min(len(ids), 1 + len(prompt))
-        labels[:n_prompt] = [IGNORE_INDEX] * n_prompt
-    return {"input_ids": ids, "labels": labels}
-
-
 def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a list of encoded examples into a batch."""
+    """Right-pad a list of encoded examples (:func:`so8t_exp.chat.encode`) into a batch:
+    ids, loss labels, attention mask, and per row the prompt length and class target."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
@@ -146,7 +158,13 @@ def collate(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(e["input_ids"])
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "attention_mask": mask,
+        "prompt_len": torch.tensor([e["prompt_len"] for e in examples]),
+        "class_label": torch.tensor([e["class_label"] for e in examples]),
+    }
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
@@ -166,8 +184,9 @@ class BatchPlan:
         self.steps_per_epoch = len(examples) // (micro_batch * accum)
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"data.files: {len(examples)} training examples are fewer than one optimizer "
-                f"step (trainer.micro_batch_size={micro_batch} × grad_accum_steps={accum})"
+                f"data.files: {len(examples)} training examples (records too long for "
+                f"data.max_length are skipped) are fewer than one optimizer step "
+                f"(trainer.micro_batch_size={micro_batch} × grad_accum_steps={accum})"
             )
         self._order_epoch, self._order = -1, []
 

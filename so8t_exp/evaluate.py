@@ -1,110 +1,89 @@
-"""Evaluation: validation loss and perplexity; four-class decision metrics.
+"""Evaluation over the validation split: LM loss and perplexity; the safety head's metrics.
 
-The four-class decision is read from label likelihoods: for each labelled record the model
-scores every label as the continuation of the prompt (``prompt + "\\n\\n" + LABEL``); the
-softmax over the four summed log-probabilities is the prediction and its confidence.
+Every validation batch goes through the model once (:func:`so8t_exp.objective.forward`):
+its target tokens give the loss, its last prompt tokens the head's four-class prediction.
+The head metrics (REFUSE recall, macro F1, accuracy, per-class recall, ECE) are computed
+over every labelled record of the split, with scikit-learn where it has the metric.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from so8t_exp.data import FOUR_CLASS_LABELS, IGNORE_INDEX, Record, collate
+from so8t_exp import objective
+from so8t_exp.chat import NO_CLASS
+from so8t_exp.data import FOUR_CLASS_LABELS
+
+CLASSES = list(range(len(FOUR_CLASS_LABELS)))
 
 
-@torch.no_grad()
-def validation_loss(model, batches: list[dict], device, autocast) -> dict[str, float]:
-    """Token-weighted mean loss over ``batches`` and its perplexity."""
-    total, count = 0.0, 0
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast():
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        shift_labels = batch["labels"][:, 1:]
-        n = int((shift_labels != IGNORE_INDEX).sum())
-        loss = F.cross_entropy(
-            logits[:, :-1].float().flatten(0, 1),
-            shift_labels.flatten(),
-            ignore_index=IGNORE_INDEX,
-            reduction="sum",
-        )
-        total, count = total + float(loss), count + n
-    if not count:
-        return {}
-    mean = total / count
-    return {"eval/loss": mean, "eval/perplexity": math.exp(min(mean, 50.0))}
+@dataclass
+class Evaluation:
+    metrics: dict[str, float]
+    confusion: list[list[int]] | None  # rows: true class, columns: predicted
 
 
 @torch.no_grad()
-def label_probabilities(
-    model, tokenizer, records: list[Record], device, autocast, chunk: int = 16
-) -> torch.Tensor:
-    """(n_records, 4) probabilities over FOUR_CLASS_LABELS."""
-    examples = []
-    for rec in records:
-        prompt = [
-            tokenizer.bos_token_id,
-            *tokenizer(rec.prompt, add_special_tokens=False)["input_ids"],
-        ]
-        for label in FOUR_CLASS_LABELS:
-            cont = tokenizer("\n\n" + label, add_special_tokens=False)["input_ids"]
-            examples.append(
-                {"input_ids": prompt + cont, "labels": [IGNORE_INDEX] * len(prompt) + cont}
-            )
-    scores = torch.cat(
-        [
-            _continuation_logprob(
-                model, examples[i : i + chunk], tokenizer.pad_token_id, device, autocast
-            )
-            for i in range(0, len(examples), chunk)
-        ]
-    )
-    scores = scores.view(len(records), len(FOUR_CLASS_LABELS))
-    return torch.softmax(scores, -1).cpu()
+def evaluate(model, adapters, head, batches: list[dict], device, autocast) -> Evaluation:
+    """All eval metrics over ``batches``; the model is put in eval mode and restored."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(3, device=device)
+    logits, truth = [], []
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = objective.forward(model, adapters, head, batch, autocast)
+            sums += out.sums()
+            if out.class_logits is not None:
+                keep = batch["class_label"] != NO_CLASS
+                logits.append(out.class_logits[keep].cpu())
+                truth.append(batch["class_label"][keep].cpu())
+    finally:
+        model.train(was_training)
+    counts = objective.Counts.of(batches)
+    lm, _pet, head_loss = (sums.cpu() / counts.divisors()).tolist()
+    metrics = {}
+    if counts.tokens:
+        metrics = {"eval/loss": lm, "eval/perplexity": math.exp(min(lm, 50.0))}
+    if not counts.labelled or not logits:
+        return Evaluation(metrics, None)
+    probs = torch.softmax(torch.cat(logits), -1)
+    head_metrics, confusion = four_class_metrics(probs, torch.cat(truth).tolist())
+    return Evaluation({**metrics, "eval/head_loss": head_loss, **head_metrics}, confusion)
 
 
-def _continuation_logprob(model, examples, pad_id, device, autocast) -> torch.Tensor:
-    """Summed log-probability of the labelled (non-ignored) tokens of each example."""
-    batch = {k: v.to(device) for k, v in collate(examples, pad_id).items()}
-    with autocast():
-        logits = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-        ).logits.float()
-    labels = batch["labels"][:, 1:]
-    logp = torch.log_softmax(logits[:, :-1], -1)
-    token_lp = logp.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return (token_lp * (labels != IGNORE_INDEX)).sum(-1).cpu()
+def four_class_metrics(
+    probs: torch.Tensor, truth: list[int]
+) -> tuple[dict[str, float], list[list[int]]]:
+    """REFUSE recall, macro F1 (over the classes present in truth or predictions),
+    accuracy, ECE and the recall of each class present; and the confusion matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, recall_score
 
-
-def four_class_metrics(probs: torch.Tensor, truth: list[int]) -> dict[str, float]:
-    """REFUSE recall, macro F1 (over classes seen in truth or predictions) and ECE."""
     pred = probs.argmax(-1).tolist()
-    refuse = FOUR_CLASS_LABELS.index("REFUSE")
-    f1s = []
-    for c in sorted(set(truth) | set(pred)):
-        tp = sum(p == c and t == c for p, t in zip(pred, truth, strict=True))
-        fp = sum(p == c and t != c for p, t in zip(pred, truth, strict=True))
-        fn = sum(p != c and t == c for p, t in zip(pred, truth, strict=True))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
-    n_refuse = sum(t == refuse for t in truth)
     out = {
-        "eval/macro_f1": sum(f1s) / len(f1s),
-        "eval/accuracy": sum(p == t for p, t in zip(pred, truth, strict=True)) / len(truth),
+        "eval/accuracy": float(accuracy_score(truth, pred)),
+        "eval/macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
         "eval/ece": expected_calibration_error(probs, truth),
     }
-    if n_refuse:
-        out["eval/refuse_recall"] = (
-            sum(p == t == refuse for p, t in zip(pred, truth, strict=True)) / n_refuse
-        )
-    return out
+    recalls = recall_score(truth, pred, labels=CLASSES, average=None, zero_division=0)
+    for c, name in enumerate(FOUR_CLASS_LABELS):
+        if c in truth:
+            out[recall_key(name)] = float(recalls[c])
+    return out, confusion_matrix(truth, pred, labels=CLASSES).tolist()
+
+
+def recall_key(label: str) -> str:
+    """``eval/refuse_recall`` (the SO8T objective's name) or ``eval/recall_<label>``."""
+    return "eval/refuse_recall" if label == "REFUSE" else f"eval/recall_{label.lower()}"
 
 
 def expected_calibration_error(probs: torch.Tensor, truth: list[int], bins: int = 10) -> float:
+    """Top-label ECE: Σ over equal-width confidence bins of |accuracy − confidence| weighted
+    by the bin's share of examples (scikit-learn has no multi-class ECE)."""
     conf, pred = probs.max(-1)
     correct = (pred == torch.tensor(truth)).float()
     ece = 0.0
@@ -116,18 +95,3 @@ def expected_calibration_error(probs: torch.Tensor, truth: list[int], bins: int 
                 conf[in_bin].mean().item() - correct[in_bin].mean().item()
             )
     return ece
-
-
-def evaluate(model, tokenizer, val_batches, label_records, device, autocast) -> dict[str, float]:
-    """All eval metrics; the model is put in eval mode and restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        out = validation_loss(model, val_batches, device, autocast)
-        if label_records:
-            probs = label_probabilities(model, tokenizer, label_records, device, autocast)
-            truth = [FOUR_CLASS_LABELS.index(r.four_class_label) for r in label_records]
-            out.update(four_class_metrics(probs, truth))
-    finally:
-        model.train(was_training)
-    return out

@@ -1,4 +1,4 @@
-"""The console progress bar (tqdm): step, loss and tokens/s."""
+"""The console progress bar (tqdm): step, loss and tokens/s (or the skipped-step count)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,9 @@ class ProgressBar:
     def update(self, step: int, metrics: dict[str, float]) -> None:
         self.bar.update(step - self.position)
         self.position = step
+        if "train/loss" not in metrics:  # a skipped (non-finite) step
+            self.bar.set_postfix(skipped=int(metrics.get("train/skipped_steps", 0)), refresh=False)
+            return
         self.bar.set_postfix(
             loss=f"{metrics['train/loss']:.4f}",
             tok_s=f"{metrics['train/tokens_per_sec']:.0f}",

@@ -18,9 +18,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
+from so8t_exp.best import BestMetric
 from so8t_exp.checkpoint import Checkpointer, capture, restore
 from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import validate
+from so8t_exp.confusion import write_confusion
 from so8t_exp.evaluate import evaluate
 from so8t_exp.export import export_final
 from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
@@ -30,6 +32,7 @@ from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
 from so8t_exp.tracking import Tracker, flatten
+from so8t_exp.trainer import TrainingDiverged
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class TrainingRun:
         self.pending_metrics: dict[str, float] = {}
         self.host_buffers = HostBuffers()
         self.notify = build.build_notifiers(cfg)
+        self.best = BestMetric(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
         self.source = build.build_source(cfg)
 
     # -- attach and restore -----------------------------------------------------------
@@ -155,8 +159,12 @@ class TrainingRun:
     def _build(self, restored) -> None:
         build.seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
         device, precision = build.resolve_device(self.cfg.trainer)
-        parts = build.build_training(self.cfg, self.source, self.dataset, device, precision)
-        trainer, self.tokenizer, self.val_batches, self.label_records = parts
+        built = build.build_training(self.cfg, self.source, self.dataset, device, precision)
+        trainer = built.trainer
+        self.tokenizer, self.val_batches = built.tokenizer, built.val_batches
+        self.tracker.safely(
+            "log params", self.tracker.log_params, {"data.too_long_records": built.too_long}
+        )
         if restored:
             state = restore(
                 restored[1],
@@ -171,6 +179,7 @@ class TrainingRun:
             self.checkpointer.last_save_step = trainer.progress.step
             self.checkpointer.last_save_seconds = state["last_save_seconds"]
             self.tracker.requeue_metrics(state.get("metrics_unsent", []))
+            trainer.sync_schedules()
             log.info("continuing from step %d (%s)", trainer.progress.step, restored[0].name)
         # Only now: a restore that fails must not look like a state worth an emergency save.
         self.trainer = trainer
@@ -199,6 +208,10 @@ class TrainingRun:
             return 0
         except KeyboardInterrupt:
             return self._stopped(stop, "interrupted", "KILLED", stop.exit_code)
+        except TrainingDiverged as err:  # a clear message; a traceback would add nothing
+            log.error("%s", err)
+            self.tracker.log_metrics(err.metrics, self.trainer.progress.step)
+            return self._stopped(stop, "failed", "FAILED", 1, reason=str(err))
         except BaseException:
             log.exception("training failed")
             self._stopped(stop, "failed", "FAILED", 1)
@@ -235,15 +248,13 @@ class TrainingRun:
         bar.close()
 
     def _evaluate(self) -> None:
-        tr = self.trainer
-        metrics = evaluate(
-            tr.model, self.tokenizer, self.val_batches, self.label_records, tr.device, tr.autocast
-        )
-        loss = metrics.get("eval/loss")
-        if loss is not None and (tr.progress.best_loss is None or loss < tr.progress.best_loss):
-            tr.progress.best_loss = loss
-        tr.progress.last_eval_step = tr.progress.step
-        self.tracker.log_metrics(metrics, tr.progress.step)
+        tr, p = self.trainer, self.trainer.progress
+        result = evaluate(tr.model, tr.adapters, tr.head, self.val_batches, tr.device, tr.autocast)
+        p.last_eval_step = p.step
+        p.confusion = result.confusion or p.confusion
+        self.tracker.log_metrics(result.metrics, p.step)
+        if self.best.improved(result.metrics, p):
+            self._save("best")
 
     def _state_for_monitor(self) -> dict:
         tr = getattr(self, "trainer", None)
@@ -284,11 +295,16 @@ class TrainingRun:
 
     def _saved(self, name: str, step: int, kind: str) -> None:
         epoch, _ = self.trainer.plan.position(step)
+        p = self.trainer.progress
+        names = self.checkpointer.local_names()
         self.session.save(
             current_step=step,
             current_epoch=epoch,
-            best_loss=self.trainer.progress.best_loss,
-            checkpoints=self.checkpointer.local_names(),
+            best_loss=p.best_value,
+            best_metric=self.cfg.checkpoint.best_metric,
+            best_checkpoint=next((n for n in names if n.startswith("best-")), None),
+            skipped_steps=p.skipped_steps,
+            checkpoints=names,
             last_checkpoint_time=now_iso(),
         )
 
@@ -318,8 +334,13 @@ class TrainingRun:
             self.tokenizer,
             self.cfg,
             self.source.describe(),
+            tr.so8t_state(),
         )
         self.tracker.log_artifacts(folder, "final_model")
+        if tr.progress.confusion is not None:
+            report = self.session_dir / "eval"
+            write_confusion(report, tr.progress.confusion, tr.progress.step)
+            self.tracker.log_artifacts(report, "eval")
         # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
         # (from the final checkpoint) instead of believing it done.
         if self.tracker.finish("FINISHED"):
@@ -327,10 +348,12 @@ class TrainingRun:
         self.notify(
             "finished",
             f"run {self.tracker.run_id}: {tr.progress.step} steps, "
-            f"best eval loss {tr.progress.best_loss}",
+            f"best {self.cfg.checkpoint.best_metric} {tr.progress.best_value}",
         )
 
-    def _stopped(self, stop: StopRequest, status: str, mlflow_status: str, code: int) -> int:
+    def _stopped(
+        self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
+    ) -> int:
         """Emergency checkpoint at the last step boundary (if one can be had), then close.
         Further signals are only logged from here on: this is the way out."""
         stop.shield()
@@ -354,6 +377,7 @@ class TrainingRun:
         self.tracker.finish(mlflow_status)
         self.notify(
             "interrupted" if status == "interrupted" else "failed",
-            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}",
+            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}"
+            + (f": {reason}" if reason else ""),
         )
         return code

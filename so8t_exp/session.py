@@ -31,7 +31,10 @@ class SessionInfo:
     current_epoch: int = 0
     current_step: int = 0
     total_steps: int = 0
-    best_loss: float | None = None
+    best_loss: float | None = None  # best value of best_metric (eval/loss by default)
+    best_metric: str | None = None
+    best_checkpoint: str | None = None
+    skipped_steps: int = 0  # non-finite loss or gradient: not applied
     checkpoints: list[str] = field(default_factory=list)
     last_checkpoint_time: str | None = None
     status: str = "running"

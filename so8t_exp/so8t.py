@@ -49,9 +49,15 @@ class SO8TAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.proj.to(x.dtype)
         z = (x @ p.T).unflatten(-1, (self.blocks, BLOCK))  # (..., k, 8)
+        eye = torch.eye(BLOCK, device=x.device)
+        # R − I in float32, cast once: in bf16, R itself rounds its ≈1 diagonal to steps of
+        # 2⁻⁸, an error larger than the whole rotation early in the alpha gate.
         rotation = self.rotation()
-        self.last_rotation = rotation.detach()
-        rot_minus_i = rotation.to(x.dtype) - torch.eye(BLOCK, dtype=x.dtype, device=x.device)
+        rot_minus_i = (rotation - eye).to(x.dtype)
+        # What is actually applied, in its dtype (read by rotation_health); in float32 that
+        # is R itself (adding I back would round it).
+        applied = rotation if x.dtype == rotation.dtype else rot_minus_i.float() + eye
+        self.last_rotation = applied.detach()
         moved = torch.einsum("...kj,kij->...ki", z, rot_minus_i).flatten(-2)
         delta = self.scale.to(x.dtype) * (moved @ p)
         self.last_delta = delta if self.training else None
@@ -155,8 +161,15 @@ def set_alpha(adapters: list[SO8TAdapter], alpha: float) -> None:
         adapter.alpha.fill_(alpha)
 
 
-def pet_loss(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean squared second difference along the sequence of the adapters' outputs."""
+def pet_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq-2): 1 where a second difference spans three real (unpadded) tokens."""
+    return mask[..., 2:] * mask[..., 1:-1] * mask[..., :-2]
+
+
+def pet_sum(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ over positions (of :func:`pet_mask`) of the squared second difference along the
+    sequence of the adapters' outputs, averaged over adapters: divided by the number of
+    positions it is the PET regulariser. Zero when no adapter ran in training mode."""
     terms = []
     for adapter in adapters:
         d = adapter.last_delta
@@ -164,20 +177,28 @@ def pet_loss(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> t
             continue
         second = d[..., 2:, :] - 2 * d[..., 1:-1, :] + d[..., :-2, :]
         sq = second.float().pow(2).mean(-1)
-        if mask is not None:
-            m = (mask[..., 2:] * mask[..., 1:-1] * mask[..., :-2]).to(sq.dtype)
-            terms.append((sq * m).sum() / m.sum().clamp_min(1.0))
-        else:
-            terms.append(sq.mean())
+        terms.append((sq * pet_mask(mask).to(sq.dtype)).sum() if mask is not None else sq.sum())
     if not terms:
-        return torch.zeros(())
+        device = mask.device if mask is not None else None
+        return torch.zeros((), device=device)
     return torch.stack(terms).mean()
+
+
+def pet_loss(adapters: list[SO8TAdapter], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The PET regulariser of the last forward: :func:`pet_sum` over its position count."""
+    ran = [a.last_delta for a in adapters if a.last_delta is not None]
+    ran = [d for d in ran if d.shape[-2] >= 3]
+    if not ran:
+        return torch.zeros(())
+    n = pet_mask(mask).sum().clamp_min(1) if mask is not None else ran[0][..., 2:, 0].numel()
+    return pet_sum(adapters, mask) / n
 
 
 @torch.no_grad()
 def rotation_health(adapters: list[SO8TAdapter]) -> dict[str, float]:
-    """Worst ‖RᵀR − I‖_F and |det R − 1| over all blocks (both ~1e-6 when healthy), of the
-    rotations the last forward pass applied (computed afresh for an adapter not run yet):
+    """Worst ‖RᵀR − I‖_F and |det R − 1| over all blocks (both ~1e-6 when healthy in
+    float32, ~1e-2 in bf16), of the rotations the last forward pass applied, in the dtype it
+    applied them (computed afresh for an adapter not run yet):
     logged every step, so it must not redo each adapter's matrix exponential."""
     if not adapters:
         return {}

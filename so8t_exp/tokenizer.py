@@ -19,6 +19,19 @@ from transformers import PreTrainedTokenizerFast
 from so8t_exp.paths import asset_path
 
 SPECIAL = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+# Phi-3.5's chat markers, so the tiny default formats conversations like Borea does.
+CHAT_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# Phi-3.5-mini-instruct's template (plus a leading BOS, which Phi-3.5's tokenizer adds
+# itself): <s><|user|>\n…<|end|>\n<|assistant|>\n…<|end|>\n</s>
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' and message['content'] %}"
+    "{{ '<|system|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user|>\n' + message['content'] + '<|end|>\n' }}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{ '<|assistant|>\n' + message['content'] + '<|end|>\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
@@ -29,7 +42,7 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=list(SPECIAL.values()),
+        special_tokens=[*SPECIAL.values(), *CHAT_TOKENS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -37,7 +50,11 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 2048) -> PreTrainedT
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
     )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIAL)
+    out = PreTrainedTokenizerFast(
+        tokenizer_object=tok, additional_special_tokens=CHAT_TOKENS, **SPECIAL
+    )
+    out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def sample_texts(jsonl: Path) -> list[str]:

@@ -8,6 +8,7 @@ scaler, RNGs), which is what makes a resumed run bitwise equal to an uninterrupt
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import time
@@ -16,9 +17,22 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from so8t_exp import so8t
+from so8t_exp import objective, so8t
 from so8t_exp.checkpoint import RNGState
-from so8t_exp.data import BatchPlan
+from so8t_exp.data import FOUR_CLASS_LABELS, BatchPlan
+from so8t_exp.safety_head import ATTRIBUTE
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """``trainer.max_bad_steps`` consecutive steps had a non-finite loss or gradient.
+
+    ``metrics`` are the last step's (it is complete: they are still worth logging)."""
+
+    def __init__(self, message: str, metrics: dict[str, float]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
 
 
 @dataclass
@@ -28,10 +42,14 @@ class Progress:
     step: int = 0  # optimizer steps completed
     epoch: int = 0
     step_in_epoch: int = 0
-    best_loss: float | None = None  # best validation loss so far
+    best_value: float | None = None  # best checkpoint.best_metric so far
+    best_step: int | None = None
     last_eval_step: int = 0
     train_seconds: float = 0.0  # time spent in steps; checkpoint intervals count this
     tokens_seen: int = 0
+    skipped_steps: int = 0  # non-finite loss or gradient: not applied
+    bad_streak: int = 0  # consecutive skipped steps
+    confusion: list[list[int]] | None = None  # safety head, at the last evaluation
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -63,6 +81,7 @@ class Trainer:
         cfg,
         model,
         adapters,
+        head,
         optimizer,
         scheduler,
         scaler,
@@ -70,7 +89,7 @@ class Trainer:
         device: torch.device,
         precision: str,
     ) -> None:
-        self.cfg, self.model, self.adapters = cfg, model, adapters
+        self.cfg, self.model, self.adapters, self.head = cfg, model, adapters, head
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.plan, self.device = plan, device
         self.autocast = amp_context(device, precision)
@@ -79,8 +98,11 @@ class Trainer:
         self.boundary_rng: RNGState | None = None  # RNGs at the start of the current step
         self.in_step = False  # True from the start of a step until it is complete
         self.applying = False  # True while an optimizer update is half-applied
-        # Fault injection for tests and the fault suite: raise at this step.
+        # Fault injection for tests and the fault suite: raise at this step; NaN loss at
+        # these steps (comma-separated).
         self._fail_at = int(os.environ.get("SO8T_FAULT_FAIL_AT_STEP", "0") or 0)
+        nan_at = os.environ.get("SO8T_FAULT_NAN_AT_STEPS", "")
+        self._nan_at = {int(s) for s in nan_at.split(",") if s.strip()}
 
     def schedules(self, step: int) -> dict[str, float]:
         t = self.cfg.trainer
@@ -89,8 +111,19 @@ class Trainer:
             "train/pet_weight": so8t.pet_weight_at(step, self.cfg.model.so8t.pet, t.max_steps),
         }
 
+    def sync_schedules(self) -> None:
+        """Put the step-dependent model state (the alpha gate) where the last completed
+        step left it: after a restore, evaluation sees the model an uninterrupted run had."""
+        last = max(self.progress.step - 1, 0)
+        so8t.set_alpha(self.adapters, self.schedules(last)["train/alpha"])
+
     def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics."""
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns its metrics.
+
+        A non-finite loss or gradient skips the update (the step still counts: data order
+        and schedules stay functions of the step); ``trainer.max_bad_steps`` in a row raise
+        :class:`TrainingDiverged` once the step is complete, so the state saved then is the
+        last good one."""
         step = self.progress.step
         self.boundary_rng = RNGState.now()
         self.in_step = True
@@ -100,51 +133,98 @@ class Trainer:
         if self._fail_at and step + 1 == self._fail_at:
             raise RuntimeError(f"fault injection: SO8T_FAULT_FAIL_AT_STEP={self._fail_at}")
         micro = self.plan.micro_batches(step)
-        lm_sum = pet_sum = 0.0
-        tokens = 0
+        counts = objective.Counts.of(micro)
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        head_weight = self.cfg.model.safety_head.loss_weight
+        sums = torch.zeros(3, device=self.device)
         for batch in micro:
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self.autocast():
-                out = self.model(**batch)
-            pet = so8t.pet_loss(self.adapters, batch["attention_mask"])
-            loss = (out.loss.float() + sched["train/pet_weight"] * pet) / len(micro)
+            out = objective.forward(self.model, self.adapters, self.head, batch, self.autocast)
+            if step + 1 in self._nan_at:
+                out.lm_sum = out.lm_sum * float("nan")
+            loss = out.loss(counts, sched["train/pet_weight"], head_weight)
             self.scaler.scale(loss).backward()
-            lm_sum += out.loss.item()
-            pet_sum += pet.item()
-            tokens += int(batch["attention_mask"].sum())
+            sums += out.sums()
         lr = self.scheduler.get_last_lr()[0]
         self.applying = True
         self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             list(self.params.values()), self.cfg.trainer.max_grad_norm
         )
-        self.scaler.step(self.optimizer)
+        lm, pet, head = (sums / counts.divisors(sums.device)).tolist()  # one device sync
+        grad_norm = float(grad_norm)
+        good = all(map(math.isfinite, (lm, pet, head, grad_norm)))
+        if good:
+            self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._advance(tokens, time.perf_counter() - started)
+        self._advance(tokens, time.perf_counter() - started, good)
         self.applying = self.in_step = False
         seconds = time.perf_counter() - started
-        return {
-            "train/loss": lm_sum / len(micro),
-            "train/pet_loss": pet_sum / len(micro),
-            "train/lr": lr,
-            "train/grad_norm": float(grad_norm),
-            "train/tokens_per_sec": tokens / max(seconds, 1e-9),
-            "train/epoch": self.progress.epoch,
-            **sched,
-        }
+        metrics = {"train/lr": lr, "train/epoch": self.progress.epoch, **sched}
+        if not good:
+            metrics["train/skipped_steps"] = self.progress.skipped_steps
+            self._check_streak(step + 1, lm, grad_norm, metrics)
+            return metrics
+        metrics.update(
+            {
+                "train/loss": lm,
+                "train/pet_loss": pet,
+                "train/grad_norm": grad_norm,
+                "train/tokens_per_sec": tokens / max(seconds, 1e-9),
+            }
+        )
+        if counts.labelled and self.head is not None:
+            metrics["train/head_loss"] = head
+        if self.progress.step == self.cfg.trainer.max_steps:
+            metrics["train/skipped_steps"] = self.progress.skipped_steps
+        return metrics
+
+    def _check_streak(self, step: int, loss: float, grad_norm: float, metrics: dict) -> None:
+        p, limit = self.progress, self.cfg.trainer.max_bad_steps
+        log.warning(
+            "step %d skipped: loss %s, gradient norm %s (%d in a row, limit %d)",
+            step,
+            loss,
+            grad_norm,
+            p.bad_streak,
+            limit,
+        )
+        if p.bad_streak >= limit:
+            raise TrainingDiverged(
+                f"training diverged: {p.bad_streak} consecutive steps (up to step {step}) had "
+                f"a non-finite loss or gradient (trainer.max_bad_steps={limit}); the weights "
+                "are those of the last good step. Lower trainer.optimizer.lr, check the data, "
+                "or use precision=fp32/bf16 instead of fp16",
+                metrics,
+            )
 
     def rng_at_boundary(self) -> RNGState:
         """RNG states as they were at the last completed step boundary."""
         return self.boundary_rng if self.in_step and self.boundary_rng else RNGState.now()
 
-    def _advance(self, tokens: int, seconds: float) -> None:
+    def _advance(self, tokens: int, seconds: float, good: bool) -> None:
         p = self.progress
         p.step += 1
         p.epoch, p.step_in_epoch = self.plan.position(p.step)
         p.tokens_seen += tokens
         p.train_seconds += seconds
+        p.skipped_steps += not good
+        p.bad_streak = 0 if good else p.bad_streak + 1
+
+    def so8t_state(self) -> dict:
+        """What the final model needs besides its weights: the alpha gate's value, and
+        where the safety head reads."""
+        alpha = float(self.adapters[0].alpha) if self.adapters else None
+        head = None
+        if self.head is not None:
+            head = {
+                "labels": list(FOUR_CLASS_LABELS),
+                "input": "final hidden state (after the last norm) of the last prompt token",
+                "module": ATTRIBUTE,
+            }
+        return {"alpha": alpha, "safety_head": head}
 
     def so8t_metrics(self) -> dict[str, float]:
         out = so8t.rotation_health(self.adapters)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from so8t_exp.checkpoint import RNGState, capture, restore
+from so8t_exp.checkpoint import RNGState, capture, mirror, restore
 from so8t_exp.checkpoint import format as fmt
 from so8t_exp.checkpoint.manager import Checkpointer
 from so8t_exp.config import CheckpointConfig
@@ -201,6 +201,40 @@ def test_checkpointer_keeps_newest_rolling_and_never_overlaps(tmp_path: Path):
         "rolling-step00000004",
     ]
     assert not ckpt.rolling_due(5, 0.0)  # already saved at this step
+
+
+def test_best_checkpoints_are_exempt_from_rolling_retention(tmp_path: Path):
+    ckpt = Checkpointer(
+        tmp_path, CheckpointConfig(keep=2, every_n_steps=1), None, lambda *a: None, print
+    )
+    payload = _payload(1)
+    for step in range(1, 7):
+        ckpt.save("rolling", step, payload, wait=True)
+        if step in (2, 3):
+            ckpt.save("best", step, payload, wait=True)
+    ckpt.drain()
+    # only the newest best is kept; rolling ones by step, never counting the best
+    assert sorted(ckpt.local_names()) == [
+        "best-step00000003",
+        "rolling-step00000005",
+        "rolling-step00000006",
+    ]
+    assert fmt.newest_valid(tmp_path).name == "rolling-step00000006"
+
+
+def test_superseded_names_rolling_past_keep_and_older_bests():
+    names = [
+        "best-step00000004",
+        "best-step00000008",
+        "final-step00000020",
+        "emergency-step00000011",
+    ]
+    names += [f"rolling-step{s:08d}" for s in (2, 6, 10, 14)]
+    assert sorted(mirror.superseded(names, 2)) == [
+        "best-step00000004",
+        "rolling-step00000002",
+        "rolling-step00000006",
+    ]
 
 
 def test_rolling_due_by_training_time(tmp_path: Path):

@@ -8,16 +8,13 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from transformers import AutoTokenizer
 
 from so8t_exp.config import ConfigError, DataConfig
 from so8t_exp.data import (
     FOUR_CLASS_LABELS,
-    IGNORE_INDEX,
     BatchPlan,
     DataError,
     Record,
-    encode,
     epoch_order,
     load_dataset,
     parse_record,
@@ -45,11 +42,6 @@ def write_jsonl(path: Path, lines: list) -> Path:
 
 def records(n: int, prefix: str = "q") -> list[dict]:
     return [{"instruction": f"{prefix} {i}", "output": f"answer {i}"} for i in range(n)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return AutoTokenizer.from_pretrained(str(asset_path("tokenizer")))
 
 
 # --- parsing -------------------------------------------------------------------------------
@@ -180,38 +172,6 @@ def test_val_fraction_zero_gives_empty_val(tmp_path):
     assert len(ds.train) == 50
 
 
-# --- encode --------------------------------------------------------------------------------
-
-
-def test_encode_with_mask_prompt_masks_exactly_bos_and_prompt(tokenizer):
-    rec = Record(instruction="日本語の質問", input="Some context", output="The answer.")
-    enc = encode(rec, tokenizer, max_length=512, mask_prompt=True)
-    ids, labels = enc["input_ids"], enc["labels"]
-    n_masked = sum(label == IGNORE_INDEX for label in labels)
-    assert labels[:n_masked] == [IGNORE_INDEX] * n_masked  # a masked prefix only
-    assert ids[0] == tokenizer.bos_token_id
-    assert tokenizer.decode(ids[1:n_masked]) == rec.prompt
-    assert labels[n_masked:] == ids[n_masked:]
-    assert tokenizer.decode(ids[n_masked:-1]) == "\n\n" + rec.output
-    assert ids[-1] == tokenizer.eos_token_id
-
-
-def test_encode_without_mask_prompt_masks_nothing(tokenizer):
-    rec = Record(instruction="Question", input="", output="Answer")
-    enc = encode(rec, tokenizer, max_length=512, mask_prompt=False)
-    assert enc["labels"] == enc["input_ids"]
-    assert tokenizer.decode(enc["input_ids"][1:-1]) == "Question\n\nAnswer"
-
-
-def test_encode_truncates_to_max_length(tokenizer):
-    rec = Record(instruction="word " * 50, input="", output="more words " * 50)
-    full = encode(rec, tokenizer, max_length=10_000, mask_prompt=True)
-    short = encode(rec, tokenizer, max_length=7, mask_prompt=True)
-    assert len(full["input_ids"]) > 7
-    assert short["input_ids"] == full["input_ids"][:7]
-    assert short["labels"] == [IGNORE_INDEX] * 7  # the prompt alone is longer than 7
-
-
 # --- batch order ---------------------------------------------------------------------------
 
 
@@ -225,7 +185,9 @@ def test_epoch_order_is_a_pure_permutation():
 
 def make_plan(n: int = 24, micro_batch: int = 3, accum: int = 2, seed: int = 7) -> BatchPlan:
     # Example i is the single token i, so a batch says which examples it holds.
-    examples = [{"input_ids": [i], "labels": [i]} for i in range(n)]
+    examples = [
+        {"input_ids": [i], "labels": [i], "prompt_len": 1, "class_label": -100} for i in range(n)
+    ]
     return BatchPlan(examples, micro_batch=micro_batch, accum=accum, seed=seed, pad_id=0)
 
 

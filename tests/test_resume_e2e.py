@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from so8t_exp.checkpoint import newest_valid, verify
+from so8t_exp.config import EVAL_METRICS, PER_CLASS_RECALL
 from so8t_exp.paths import sqlite_uri
 from tests.conftest import (
     history,
@@ -42,7 +43,11 @@ OVERRIDES = (
     "trainer.eval_every_n_steps=12",
     "checkpoint.every_n_steps=4",
     "checkpoint.keep=3",
+    # The highest eval loss is the first evaluation's (step 12): a best checkpoint that
+    # rolling retention would long have deleted.
+    "checkpoint.best_mode=max",
 )
+EVAL_KEYS = EVAL_METRICS + PER_CLASS_RECALL
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +63,7 @@ def baseline(tmp_path_factory) -> dict:
         "client": client,
         "run": run,
         "loss": history(client, run.info.run_id, "train/loss"),
+        "eval": {k: history(client, run.info.run_id, k) for k in EVAL_KEYS},
     }
 
 
@@ -83,7 +89,16 @@ def assert_same_as_baseline(run_dir: Path, store: str, baseline: dict) -> None:
     loss = history(client, run.info.run_id, "train/loss")
     assert [s for s, _ in loss] == list(range(1, STEPS + 1)), "a step missing or logged twice"
     assert loss == baseline["loss"]
-    assert session_info(run_dir)["status"] == "completed"
+    for key, ref in baseline["eval"].items():  # evaluation after a restore sees the same model
+        assert [s for s, _ in ref] == [12, 24, 36, 48], key
+        assert history(client, run.info.run_id, key) == ref, key
+    info = session_info(run_dir)
+    assert info["status"] == "completed"
+    ref_info = session_info(baseline["dir"])
+    assert (info["best_loss"], info["best_checkpoint"]) == (
+        ref_info["best_loss"],
+        ref_info["best_checkpoint"],
+    )
 
 
 def finish(tmp_path: Path, store: str, run_dir: Path) -> str:
@@ -92,17 +107,24 @@ def finish(tmp_path: Path, store: str, run_dir: Path) -> str:
     return out.stdout + out.stderr
 
 
-def test_retention_keeps_exactly_keep_rolling_locally_and_in_mlflow(baseline):
+def test_retention_keeps_exactly_keep_rolling_and_the_best_locally_and_in_mlflow(baseline):
     local = sorted(p.name for p in (baseline["dir"] / "checkpoints").iterdir())
     rolling = [n for n in local if n.startswith("rolling-")]
-    assert len(rolling) == 3 and "final-step00000048" in local
-    assert len(local) == 4
+    assert rolling == [f"rolling-step{s:08d}" for s in (40, 44, 48)]
+    assert "final-step00000048" in local
+    # the best evaluation (highest eval/loss here) is step 12: exempt from retention
+    assert local == ["best-step00000012", "final-step00000048", *rolling]
+    assert verify(baseline["dir"] / "checkpoints" / "best-step00000012") is None
     arts = baseline["client"].list_artifacts(baseline["run"].info.run_id, "checkpoints")
     remote = sorted(a.path.rsplit("/", 1)[-1] for a in arts)
     # (The copy may skip a rolling checkpoint superseded while an upload was slow.)
     assert len([n for n in remote if n.startswith("rolling-")]) == 3
-    assert "final-step00000048" in remote and len(remote) == 4
+    assert {"final-step00000048", "best-step00000012"} <= set(remote) and len(remote) == 5
     assert baseline["run"].data.tags["so8t.checkpoint.latest"] == "final-step00000048"
+    info = session_info(baseline["dir"])
+    evals = dict(baseline["eval"]["eval/loss"])
+    assert info["best_checkpoint"] == "best-step00000012" and info["best_metric"] == "eval/loss"
+    assert info["best_loss"] == pytest.approx(evals[12]) and evals[12] == max(evals.values())
 
 
 def test_sigkill_at_several_points_then_restart_equals_uninterrupted(tmp_path, store, baseline):

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-KINDS = ("rolling", "emergency", "final")
-_NAME = re.compile(r"^(rolling|emergency|final)-step(\d{8,})$")
+# Kinds, in the order that breaks a tie of steps (any is a complete state of its step).
+KINDS = ("rolling", "best", "emergency", "final")
+_NAME = re.compile(r"^(rolling|best|emergency|final)-step(\d{8,})$")
 
 
 @dataclass
@@ -136,7 +137,7 @@ def read(folder: Path) -> Payload:
 
 def candidates(root: Path) -> list[tuple[int, int, Path]]:
     """Checkpoint folders under ``root``, newest first: by step, then final > emergency >
-    rolling (never by modification time)."""
+    best > rolling (never by modification time)."""
     found = []
     if root.is_dir():
         for child in root.iterdir():

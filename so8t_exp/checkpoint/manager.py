@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from so8t_exp.checkpoint import format as fmt
-from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, rolling_beyond_keep
+from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, superseded
 from so8t_exp.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Checkpointer:
         except BaseException:  # (a KeyboardInterrupt here must not leave us "busy" forever)
             self._idle.set()
             raise
-        if kind == "rolling":
+        if kind in ("rolling", "best"):  # (a best one restarts the rolling cadence too)
             self.last_save_step = step
         if wait:
             self.drain()
@@ -108,7 +108,7 @@ class Checkpointer:
     def _write(self, name: str, kind: str, step: int, payload: fmt.Payload) -> None:
         try:
             fmt.write(self.root, name, payload, self._pause)
-            for doomed in rolling_beyond_keep(self.local_names(), self.cfg.keep):
+            for doomed in superseded(self.local_names(), self.cfg.keep):
                 shutil.rmtree(self.root / doomed, ignore_errors=True)
             self.on_saved(name, step, kind)
             self.mirror.submit(name, step)

@@ -30,12 +30,14 @@ class ArtifactStore(Protocol):
     def download_checkpoint(self, name: str, dest: Path) -> bool: ...
 
 
-def rolling_beyond_keep(names: list[str], keep: int) -> list[str]:
-    """Rolling checkpoint names past the newest ``keep`` (by step)."""
-    rolling = sorted(
-        (p[1] for n in names if (p := fmt.parse_name(n)) and p[0] == "rolling"), reverse=True
-    )
-    return [fmt.checkpoint_name("rolling", step) for step in rolling[keep:]]
+def superseded(names: list[str], keep: int) -> list[str]:
+    """Checkpoint names retention removes: rolling ones past the newest ``keep`` (by step)
+    and every best one but the newest (a best one is exempt from rolling retention)."""
+    doomed = []
+    for kind, n_kept in (("rolling", keep), ("best", 1)):
+        steps = sorted(p[1] for n in names if (p := fmt.parse_name(n)) and p[0] == kind)
+        doomed += [fmt.checkpoint_name(kind, s) for s in steps[::-1][n_kept:]]
+    return doomed
 
 
 class Mirror:
@@ -57,8 +59,9 @@ class Mirror:
 
     def submit(self, name: str, step: int) -> None:
         with self._cond:
-            # Older pending rolling uploads are superseded by this one.
-            self._pending = [(n, s) for n, s in self._pending if not n.startswith("rolling")]
+            # Older pending rolling uploads are superseded by this one (best ones by a best).
+            kinds = ("rolling", "best") if name.startswith("best") else ("rolling",)
+            self._pending = [(n, s) for n, s in self._pending if not n.startswith(kinds)]
             self._pending.append((name, step))
             self._cond.notify_all()
 
@@ -103,7 +106,7 @@ class Mirror:
                 # (just uploaded: a listing without it failed, so list again next time)
                 self._remote = remote if name in remote else None
             remote.add(name)
-            for doomed in rolling_beyond_keep(sorted(remote), self.keep):
+            for doomed in superseded(sorted(remote), self.keep):
                 if self.store.delete_checkpoint(doomed):
                     remote.discard(doomed)
             self.on_mirrored(name, step)  # only now is it in MLflow
