@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -65,6 +66,12 @@ class Record:
             output=self.output[:max_chars],
             output_clipped=self.output_clipped or len(self.output) > max_chars,
         )
+
+
+def label_counts(records: list[Record]) -> str:
+    """``ALLOW:9 ESCALATION:9 DENY:8 REFUSE:6`` (and ``none:N`` for unlabelled records)."""
+    counts = Counter(r.four_class_label or "none" for r in records)
+    return " ".join(f"{k}:{counts[k]}" for k in (*FOUR_CLASS_LABELS, "none") if counts[k])
 
 
 @dataclass

@@ -18,12 +18,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
-from so8t_exp.best import BestMetric
 from so8t_exp.checkpoint import Checkpointer, capture, restore
 from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import validate
-from so8t_exp.confusion import write_confusion
-from so8t_exp.evaluate import evaluate
+from so8t_exp.evaluations import Evaluations
 from so8t_exp.export import export_final
 from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
 from so8t_exp.lock import SessionLock
@@ -63,7 +61,6 @@ class TrainingRun:
         self.pending_metrics: dict[str, float] = {}
         self.host_buffers = HostBuffers()
         self.notify = build.build_notifiers(cfg)
-        self.best = BestMetric(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
         self.source = build.build_source(cfg)
 
     # -- attach and restore -----------------------------------------------------------
@@ -153,6 +150,8 @@ class TrainingRun:
             "data.train_records": len(self.dataset.train),
             "data.val_records": len(self.dataset.val),
             "data.skipped_records": self.dataset.skipped,
+            # what the head's eval metrics are read against (the majority-class baseline)
+            "data.val_labels": data.label_counts(self.dataset.val),
         }
 
     # -- build ------------------------------------------------------------------------
@@ -161,7 +160,8 @@ class TrainingRun:
         device, precision = build.resolve_device(self.cfg.trainer)
         built = build.build_training(self.cfg, self.source, self.dataset, device, precision)
         trainer = built.trainer
-        self.tokenizer, self.val_batches = built.tokenizer, built.val_batches
+        self.tokenizer = built.tokenizer
+        self.evals = Evaluations(self.cfg, built.val_batches, self.tracker.log_metrics)
         self.tracker.safely(
             "log params", self.tracker.log_params, {"data.too_long_records": built.too_long}
         )
@@ -224,12 +224,8 @@ class TrainingRun:
     def _loop(self, stop: StopRequest) -> None:
         t, p = self.cfg.trainer, self.trainer.progress
         bar = ProgressBar(t.max_steps, p.step, enabled=t.progress_bar)
-        if (
-            p.step
-            and p.last_eval_step != p.step
-            and (p.step % t.eval_every_n_steps == 0 or p.step == t.max_steps)
-        ):
-            self._evaluate()  # the previous process died inside this evaluation
+        if self.evals.missed(p):
+            self._evaluate()
         while p.step < t.max_steps and not stop.requested:
             metrics = self.trainer.train_step()
             metrics.update(self.pending_metrics)
@@ -237,7 +233,7 @@ class TrainingRun:
             if p.step % t.log_every_n_steps == 0 or p.step == t.max_steps:
                 metrics.update(self.trainer.so8t_metrics())
                 self.tracker.log_metrics(metrics, p.step)
-            if p.step % t.eval_every_n_steps == 0 or p.step == t.max_steps:
+            if self.evals.due(p.step):
                 self._evaluate()
             if (
                 self.checkpointer.rolling_due(p.step, p.train_seconds)
@@ -248,12 +244,7 @@ class TrainingRun:
         bar.close()
 
     def _evaluate(self) -> None:
-        tr, p = self.trainer, self.trainer.progress
-        result = evaluate(tr.model, tr.adapters, tr.head, self.val_batches, tr.device, tr.autocast)
-        p.last_eval_step = p.step
-        p.confusion = result.confusion or p.confusion
-        self.tracker.log_metrics(result.metrics, p.step)
-        if self.best.improved(result.metrics, p):
+        if self.evals.run(self.trainer):
             self._save("best")
 
     def _state_for_monitor(self) -> dict:
@@ -337,9 +328,8 @@ class TrainingRun:
             tr.so8t_state(),
         )
         self.tracker.log_artifacts(folder, "final_model")
-        if tr.progress.confusion is not None:
-            report = self.session_dir / "eval"
-            write_confusion(report, tr.progress.confusion, tr.progress.step)
+        report = Evaluations.report(tr.progress, self.session_dir / "eval")
+        if report is not None:
             self.tracker.log_artifacts(report, "eval")
         # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
         # (from the final checkpoint) instead of believing it done.

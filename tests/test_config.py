@@ -98,6 +98,11 @@ def test_misspelled_key_in_a_group_file_names_key_and_file(tmp_path):
         ("+model.source.hidden_sise=64", "model.source.hidden_sise"),
         ("model.source._target_=no.such.Thing", "model.source._target_"),
         ("model.so8t.layers=middle", "model.so8t.layers"),
+        ("trainer.max_bad_steps=0", "trainer.max_bad_steps"),
+        ("checkpoint.best_metric=train/loss", "checkpoint.best_metric"),
+        ("checkpoint.best_mode=lowest", "checkpoint.best_mode"),
+        ("model.safety_head.loss_weight=-1", "model.safety_head"),
+        ("model.safety_head.dropout=1.0", "model.safety_head"),
     ],
 )
 def test_validate_names_the_key(compose_cfg, override, message):
@@ -160,3 +165,11 @@ def test_config_tree_found_from_a_built_wheel(tmp_path):
     )
     assert job.returncode == 0, job.stderr
     assert str(site / "so8t_exp" / "assets") in job.stdout
+
+
+def test_a_head_metric_as_best_needs_the_head(compose_cfg):
+    cfg = compose_cfg("model.safety_head.enabled=false", "checkpoint.best_metric=eval/macro_f1")
+    with pytest.raises(ConfigError, match="model.safety_head.enabled=false"):
+        validate(cfg)
+    validate(compose_cfg("model.safety_head.enabled=false"))  # eval/loss needs no head
+    validate(compose_cfg("checkpoint.best_metric=eval/refuse_recall", "checkpoint.best_mode=max"))

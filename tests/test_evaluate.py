@@ -72,3 +72,17 @@ def test_confusion_artifacts(tmp_path):
     assert refuse["recall"] == pytest.approx(2 / 3) and refuse["support"] == 3
     assert refuse["precision"] == pytest.approx(2 / 3)
     assert (folder / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_without_a_head_training_and_evaluation_give_the_lm_figures_only(compose_cfg):
+    cfg = compose_cfg("trainer.device=cpu", "model.safety_head.enabled=false")
+    build.seed_everything(cfg.seed, True)
+    dataset = data.load_dataset(cfg.data)
+    b = build.build_training(cfg, build.build_source(cfg), dataset, torch.device("cpu"), "fp32")
+    t = b.trainer
+    assert t.head is None and not any("safety_head" in n for n in t.params)
+    metrics = t.train_step()
+    assert "train/loss" in metrics and "train/head_loss" not in metrics
+    result = evaluate(t.model, t.adapters, t.head, b.val_batches, t.device, t.autocast)
+    assert set(result.metrics) == {"eval/loss", "eval/perplexity"} and result.confusion is None
+    assert t.so8t_state()["safety_head"] is None

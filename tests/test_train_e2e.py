@@ -87,6 +87,9 @@ def test_smoke_run_is_tracked_completely(tmp_path: Path, store: str):
     assert report["step"] == 16
     assert (run_dir / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert params["data.too_long_records"] == "0"
+    labels = dict(kv.split(":") for kv in params["data.val_labels"].split())
+    assert sum(map(int, labels.values())) == int(params["data.val_records"])
+    assert [sum(row) for row in report["matrix"]] == [int(labels[k]) for k in report["labels"]]
     info = session_info(run_dir)
     assert info["session_id"] == run.info.run_id and info["status"] == "completed"
     assert info["current_step"] == 16 and info["total_steps"] == 16
