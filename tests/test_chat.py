@@ -154,3 +154,31 @@ def test_bundled_sample_set_encodes_without_loss(tokenizer, fmt):
     examples, skipped = encode_all(recs.train + recs.val, fmt, tokenizer, 192, True)
     assert skipped == 0 and len(examples) == 320
     assert all(e["class_label"] != NO_CLASS for e in examples)
+
+
+# microsoft/Phi-3.5-mini-instruct's template (Borea-Phi-3.5-mini inherits it): no BOS, EOS
+# only after a finished conversation.
+PHI35_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' and message['content'] %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_the_phi35_template_itself_gives_the_same_turn_shape():
+    tok = AutoTokenizer.from_pretrained(str(asset_path("tokenizer")))
+    tok.chat_template = PHI35_TEMPLATE
+    fmt = ChatFormat.from_tokenizer(tok)
+    assert (fmt.head, fmt.middle, fmt.tail) == (
+        "<|user|>\n",
+        "<|end|>\n<|assistant|>\n",
+        "<|end|>\n</s>",
+    )
+    rec = Record(instruction="Q?", input="", output="A.", four_class_label="DENY")
+    enc = encode(rec, fmt, tok, max_length=64, mask_prompt=True)
+    n = enc["prompt_len"]
+    assert tok.decode(enc["input_ids"][n:]) == "A.<|end|>\n</s>"
+    assert enc["labels"][:n] == [IGNORE_INDEX] * n and enc["class_label"] == 2
