@@ -13,16 +13,17 @@ class ProgressBar:
         self.position = initial
 
     def update(self, step: int, metrics: dict[str, float]) -> None:
+        # The postfix first: update() redraws, and must show this step's figures.
+        if "train/loss" in metrics:
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}",
+                tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
+                refresh=False,
+            )
+        else:  # a skipped (non-finite) step
+            self.bar.set_postfix(skipped=int(metrics.get("train/skipped_steps", 0)), refresh=False)
         self.bar.update(step - self.position)
         self.position = step
-        if "train/loss" not in metrics:  # a skipped (non-finite) step
-            self.bar.set_postfix(skipped=int(metrics.get("train/skipped_steps", 0)), refresh=False)
-            return
-        self.bar.set_postfix(
-            loss=f"{metrics['train/loss']:.4f}",
-            tok_s=f"{metrics['train/tokens_per_sec']:.0f}",
-            refresh=False,
-        )
 
     def close(self) -> None:
         self.bar.close()

@@ -135,3 +135,19 @@ def test_bf16_rotation_is_formed_as_r_minus_i_in_float32():
     assert 1e-7 < health["so8t/ortho_error"] < 1e-3
     rel = ((adapter.last_delta.float() - exact).norm() / exact.norm()).item()
     assert rel < 5e-2  # the adapter's contribution is bf16-accurate, not lost in rounding
+
+
+def test_records_without_a_label_add_no_head_loss(compose_cfg):
+    b = built(compose_cfg, "trainer.micro_batch_size=4")
+    t = b.trainer
+    batch = dict(t.plan.micro_batches(0)[0])
+    labelled = objective.forward(t.model, t.adapters, t.head, batch, t.autocast)
+    assert labelled.head_sum > 0
+    batch["class_label"] = torch.full_like(batch["class_label"], objective.NO_CLASS)
+    out = objective.forward(t.model, t.adapters, t.head, batch, t.autocast)
+    counts = objective.Counts.of([batch])
+    assert counts.labelled == 0 and out.head_sum == 0
+    out.loss(counts, 0.0, 1.0).backward()
+    assert all(p.grad is None or not p.grad.any() for p in t.head.parameters())
+    # the LM part is untouched by labels
+    assert out.lm_sum == labelled.lm_sum

@@ -254,9 +254,9 @@ def test_changed_config_is_refused_with_the_differing_keys(tmp_path, store):
 def test_second_signal_during_emergency_save_writes_it_once(tmp_path, store):
     run_dir = tmp_path / "run"
     env = subprocess_env(tmp_path, SO8T_FAULT_CHECKPOINT_PAUSE="1.5")
-    proc = start_train(
-        tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=100000", env=env
-    )  # no rolling checkpoints: the emergency one is the only save
+    overrides = ("+experiment=smoke", "trainer.max_steps=100000", "checkpoint.best_metric=null")
+    # no rolling or best checkpoints: the emergency one is the only save
+    proc = start_train(tmp_path, store, run_dir, *overrides, env=env)
     wait_for(lambda: session_info(run_dir).get("status") == "running", proc=proc, what="start")
     time.sleep(2.0)
     proc.send_signal(signal.SIGTERM)
