@@ -189,11 +189,31 @@ class ResumeAppConfig:
     notify: NotifyConfig = field(default_factory=NotifyConfig)
 
 
+@dataclass
+class ExportConfig:
+    source: str = "???"  # a session folder or an MLflow run id
+    checkpoint: str = "final"  # final | best
+    out: str | None = None  # default: <session>/export/<checkpoint name>
+    dtype: str = "auto"  # auto (the base model's) | float32 | bfloat16 | float16
+    log_model: bool = True  # log the export as the run's MLflow model (pyfunc)
+    register: str | None = None  # registered model name: add a version
+    alias: str | None = "champion"  # moved to the new version when `metric` improves
+    metric: str | None = None  # default: the run's checkpoint.best_metric
+    mode: str | None = None  # min | max; default: the run's checkpoint.best_mode
+
+
+@dataclass
+class ExportAppConfig:
+    export: ExportConfig = field(default_factory=ExportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
 def register_schemas() -> None:
     """Store the schemas; ``conf/train.yaml`` merges its groups onto ``train_schema``,
     ``conf/resume.yaml`` onto ``resume_schema``."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     ConfigStore.instance().store(name="resume_schema", node=ResumeAppConfig)
+    ConfigStore.instance().store(name="export_schema", node=ExportAppConfig)
 
 
 register_schemas()

@@ -21,14 +21,14 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_sibling(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
     """Where ``path`` is staged before its atomic ``os.replace``."""
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then ``os.replace`` (atomic on NTFS and POSIX)."""
-    tmp = _tmp_sibling(path)
+    tmp = temp_sibling(path)
     with open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
@@ -55,7 +55,7 @@ def link_or_copy(src: Path, dst: Path) -> None:
     file systems or where links are not allowed, a copy; atomically replaces ``dst``.
     Only for files that are never modified in place (checkpoint files)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(dst)
+    tmp = temp_sibling(dst)
     tmp.unlink(missing_ok=True)
     try:
         os.link(src, tmp)

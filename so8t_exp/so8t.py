@@ -126,6 +126,30 @@ def attach_adapters(model: nn.Module, cfg: SO8TConfig) -> list[SO8TAdapter]:
     return adapters
 
 
+def fold_adapters(model: nn.Module) -> int:
+    """Fold every adapter into its ``o_proj`` (exactly, in float32, cast once) and remove
+    it and its hook: the model becomes a plain model of its architecture. A LoRA around
+    ``o_proj`` must be merged first (``merge_and_unload``). Returns how many were folded."""
+    folded = 0
+    for layer in _decoder_layers(model):
+        attn = layer.self_attn
+        adapter = getattr(attn, "so8t_adapter", None)
+        if adapter is None:
+            continue
+        if type(attn.o_proj) is not nn.Linear:  # a LoRA wrapper, or quantized weights
+            raise ValueError(
+                f"o_proj is a {type(attn.o_proj).__name__}: merge the LoRA (and load the "
+                "base in float) before folding"
+            )
+        fold_into_o_proj(attn.o_proj, adapter)
+        hooks = attn.o_proj._forward_pre_hooks  # no public API lists a module's hooks
+        for key in [k for k, h in hooks.items() if getattr(h, "__self__", None) is adapter]:
+            del hooks[key]
+        del attn.so8t_adapter
+        folded += 1
+    return folded
+
+
 def fold_into_o_proj(o_proj: nn.Linear, adapter: SO8TAdapter) -> None:
     """Merge M into ``o_proj.weight`` (W ← W·M), after which the adapter can be removed."""
     with torch.no_grad():

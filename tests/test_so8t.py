@@ -108,6 +108,27 @@ def test_matrix_equals_the_map_applied_by_forward():
     torch.testing.assert_close(y, x @ m.T, atol=1e-5, rtol=1e-5)
 
 
+def test_fold_adapters_leaves_a_plain_model_with_the_same_logits():
+    model, tok = tiny_model()
+    adapters = so8t.attach_adapters(model, SO8TConfig(layers="all", blocks=2))
+    randomize(adapters)
+    ids = input_ids(len(tok))
+    adapted = logits(model, ids)
+    assert so8t.fold_adapters(model) == len(adapters)
+    assert not any("so8t" in n for n, _ in model.named_parameters())
+    assert all(not layer.self_attn.o_proj._forward_pre_hooks for layer in model.model.layers)
+    torch.testing.assert_close(logits(model, ids), adapted, atol=1e-5, rtol=0)
+    assert so8t.fold_adapters(model) == 0  # nothing left to fold
+
+
+def test_fold_adapters_refuses_an_unmerged_lora():
+    model, _ = tiny_model()
+    lora_model = _add_lora(model, LoRAConfig(dropout=0.0))
+    so8t.attach_adapters(lora_model, SO8TConfig(layers="all", blocks=2))
+    with pytest.raises(ValueError, match="merge the LoRA"):
+        so8t.fold_adapters(lora_model)
+
+
 def test_fold_into_o_proj_reproduces_adapted_logits():
     cfg = SO8TConfig(layers="all", blocks=2)
     model, tok = tiny_model()
