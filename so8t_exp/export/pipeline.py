@@ -28,6 +28,10 @@ def run_export(ecfg: ExportConfig, tracking_uri: str | None) -> Exported:
     """Everything ``python -m so8t_exp.export`` does; returns what it made."""
     if ecfg.checkpoint not in ("final", "best"):
         raise ConfigError(f"export.checkpoint={ecfg.checkpoint!r}: final or best")
+    if ecfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"export.dtype={ecfg.dtype!r}: auto, float32, bfloat16 or float16")
+    if ecfg.mode not in (None, "min", "max"):
+        raise ConfigError(f"export.mode={ecfg.mode!r}: min or max")
     if ecfg.register and not ecfg.log_model:
         raise ConfigError("export.register needs export.log_model=true (a version needs a model)")
     state = locate(ecfg.source, ecfg.checkpoint, tracking_uri)
@@ -73,11 +77,14 @@ def _log_and_register(result: Exported, ecfg: ExportConfig, tracking_uri: str | 
     key = ecfg.metric or run_cfg.best_metric or "eval/loss"
     mode = ecfg.mode or run_cfg.best_mode or "min"
     value = models.RunArtifacts(tracking_uri, result.state.run_id).metric_at(key, result.state.step)
+    state = result.state
+    about = f"{state.checkpoint} of run {state.run_id}: {key} = {value} ({mode} is better)"
     result.version, result.alias_moved = models.register_version(
         tracking_uri,
         ecfg.register,
         result.model_uri,
-        result.state.run_id,
+        state.run_id,
         (key, value, mode),
         ecfg.alias,
+        about,
     )

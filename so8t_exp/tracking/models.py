@@ -112,6 +112,7 @@ def register_version(
     run_id: str,
     metric: tuple[str, float | None, str],
     alias: str | None,
+    description: str = "",
 ) -> tuple[str, bool]:
     """Register ``model_uri`` as a new version of ``name``; move ``alias`` to it when its
     ``metric`` (key, value, ``min``/``max``) beats the current holder's (or there is none).
@@ -123,7 +124,10 @@ def register_version(
         client.create_registered_model(name, description="SO8T models exported by so8t_exp")
     key, value, mode = metric
     tags = {VERSION_METRIC_TAG + key: repr(value)} if value is not None else {}
-    version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags).version
+    created = client.create_model_version(
+        name, model_uri, run_id=run_id, tags=tags, description=description
+    )
+    version = created.version
     if not alias:
         return version, False
     holder = _alias_holder(client, name, alias)
