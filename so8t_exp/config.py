@@ -136,6 +136,8 @@ class TrackingConfig:
     flush_interval_seconds: float = 2.0
     system_stats_interval_seconds: float = 10.0
     tags: dict[str, str] = field(default_factory=dict)
+    # At the end of a run, export these checkpoints (final, best) as the run's MLflow model.
+    log_models: list[str] = field(default_factory=lambda: ["final"])
 
 
 @dataclass
@@ -267,6 +269,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.safety_head: loss_weight and hidden_dim must be >= 0, dropout in [0, 1)"
         )
+    bad = [k for k in cfg.tracking.log_models if k not in ("final", "best")]
+    if bad:
+        raise ConfigError(f"tracking.log_models: {bad} not in [final, best]")
     if cfg.checkpoint.keep < 2:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep}: keep at least 2")
     if not 0.0 <= cfg.data.val_fraction < 1.0:

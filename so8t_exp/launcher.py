@@ -1,6 +1,7 @@
 """The resume launcher's work: judge each run, claim one, relaunch the trainer on it.
 
-A run is resumable when it is not FINISHED, not given up, not expired and not alive.
+A run is resumable when it is not FINISHED, not a sweep's parent, not given up, not expired
+and not alive.
 Alive: on this host the session folder's OS lock decides (a SIGKILLed trainer holds no lock,
 however fresh its heartbeat); for a folder this host does not have, a heartbeat younger
 than ``resume.stale_after_seconds``. Exactly once: the launcher takes the session lock,
@@ -32,7 +33,7 @@ from so8t_exp.config import ResumeConfig
 from so8t_exp.lock import SessionLock, SessionLocked, describe_holder, is_locked
 from so8t_exp.notify import Notifiers
 from so8t_exp.paths import project_root
-from so8t_exp.tracking import mask_secrets
+from so8t_exp.tracking import mask_override
 from so8t_exp.tracking.runs import (
     ATTEMPTS,
     CLAIM_BY,
@@ -103,6 +104,8 @@ def judge(
     age = now - run.heartbeat
     if run.status == "FINISHED":
         return Decision(run, "skip", "finished")
+    if run.is_sweep_parent:
+        return Decision(run, "skip", "a sweep's parent run, not a session")
     if run.tags.get(GIVEN_UP):
         return Decision(run, "skip", f"given up ({run.tags[GIVEN_UP]})")
     if run.tags.get(EXPIRED):
@@ -158,11 +161,7 @@ def judge(
 
 def _masked(cmd: list[str]) -> list[str]:
     """The command with secret-looking override values (webhook URLs, tokens) hidden."""
-    out = []
-    for arg in cmd:
-        key, eq, value = arg.partition("=")
-        out.append(f"{key}={mask_secrets({key: value})[key]}" if eq else arg)
-    return out
+    return [mask_override(arg) for arg in cmd]
 
 
 class Launcher:

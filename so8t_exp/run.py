@@ -23,13 +23,16 @@ from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import validate
 from so8t_exp.evaluations import Evaluations
 from so8t_exp.export import export_final
+from so8t_exp.export.pipeline import log_run_models
 from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
 from so8t_exp.lock import SessionLock
 from so8t_exp.progress_bar import ProgressBar
+from so8t_exp.run_inputs import record_inputs
 from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
-from so8t_exp.tracking import Tracker, flatten
+from so8t_exp.tracking import Tracker
+from so8t_exp.tracking.run_page import RunPage
 from so8t_exp.trainer import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class TrainingRun:
 
     def _attach_and_run(self) -> int:
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
+        self.page = RunPage(self.tracker, self.cfg.tracking, self.session_dir, self.hydra_dir)
         info = self.session.load()
         if info is not None and info.status == "completed":
             log.info("session %s is already completed; nothing to do", self.session_dir)
@@ -97,7 +101,7 @@ class TrainingRun:
             store,
             self._saved,
             self._save_failed,
-            self._mirrored,
+            self.tracker.checkpoint_mirrored,
         )
         self.fingerprint = config_fingerprint(self.cfg)
         if run_id is None:
@@ -109,7 +113,8 @@ class TrainingRun:
                 self.fingerprint,
                 self.cfg.checkpoint.allow_config_change,
             )
-        self.tracker.start(self.cfg.tracking.experiment, self.cfg.tracking.run_name, run_id)
+        step = restored[1].docs["state"]["progress"]["step"] if restored else 0
+        self.page.open(run_id, step, self._hydra_overrides())
         self._open_session(info, resumed=run_id is not None)
         with StopRequest() as stop:
             return self._guarded(stop, restored)
@@ -127,7 +132,7 @@ class TrainingRun:
         tags = {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
         self.tracker.set_tags(tags)
         self.tracker.heartbeat()
-        self.tracker.safely("log params", self.tracker.log_params, self.params())
+        record_inputs(self.tracker, self.cfg, self.fingerprint, self.dataset, not resumed)
         if self.hydra_dir and self.hydra_dir.is_dir():
             self.tracker.log_artifacts(self.hydra_dir, "hydra")
         event = "resumed" if resumed else "started"
@@ -138,21 +143,8 @@ class TrainingRun:
         copy in .hydra/ is rewritten even by a start that is then refused)."""
         path = self.hydra_dir / "overrides.yaml" if self.hydra_dir else None
         if path is None or not path.is_file():
-            return self.session.info.overrides
+            return self.session.info and self.session.info.overrides
         return [str(o) for o in OmegaConf.load(path)]
-
-    def params(self) -> dict:
-        config = flatten(OmegaConf.to_container(self.cfg, resolve=True))
-        sha = {k: v for k, v in self.fingerprint.items() if k.startswith("data.files_sha256")}
-        return {
-            **config,
-            **sha,
-            "data.train_records": len(self.dataset.train),
-            "data.val_records": len(self.dataset.val),
-            "data.skipped_records": self.dataset.skipped,
-            # what the head's eval metrics are read against (the majority-class baseline)
-            "data.val_labels": data.label_counts(self.dataset.val),
-        }
 
     # -- build ------------------------------------------------------------------------
     def _build(self, restored) -> None:
@@ -299,15 +291,6 @@ class TrainingRun:
             last_checkpoint_time=now_iso(),
         )
 
-    def _mirrored(self, name: str, step: int) -> None:
-        self.tracker.set_tags(
-            {
-                "so8t.checkpoint.latest": name,
-                "so8t.checkpoint.latest_step": step,
-                "so8t.checkpoint.latest_time": f"{time.time():.3f}",
-            }
-        )
-
     def _save_failed(self, name: str, err: Exception) -> None:
         self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {name}: {err}")
 
@@ -328,12 +311,13 @@ class TrainingRun:
             tr.so8t_state(),
         )
         self.tracker.log_artifacts(folder, "final_model")
+        log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
         report = Evaluations.report(tr.progress, self.session_dir / "eval")
         if report is not None:
             self.tracker.log_artifacts(report, "eval")
         # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
         # (from the final checkpoint) instead of believing it done.
-        if self.tracker.finish("FINISHED"):
+        if self.page.finish("FINISHED", tr.progress.step):
             self.session.save(status="completed", current_step=tr.progress.step)
         self.notify(
             "finished",
@@ -364,7 +348,7 @@ class TrainingRun:
         stop.done()
         # Short: Windows gives a closing console only seconds; the local copy is what counts.
         self.checkpointer.drain_mirror(10.0)
-        self.tracker.finish(mlflow_status)
+        self.page.finish(mlflow_status, tr.progress.step if tr else None)
         self.notify(
             "interrupted" if status == "interrupted" else "failed",
             f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}"

@@ -37,7 +37,7 @@ def test_flatten_and_mask_secrets():
             "lr": 0.1,
         }
     )
-    assert masked["notify.hook.url"] == "***"
+    assert masked["notify.hook.url"] == "https://x/y"  # a URL is not a secret by its key alone
     assert masked["x.api_key"] == "***" and masked["y.note"] == "***"
     assert masked["z.endpoint"] == "***"
     assert masked["lr"] == "0.1" and masked["a.b"] == "1"

@@ -87,6 +87,14 @@ def test_smoke_run_is_tracked_completely(tmp_path: Path, store: str):
     assert report["step"] == 16
     assert (run_dir / "eval" / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
     assert params["data.too_long_records"] == "0"
+    # the data file as a dataset input, digest from its sha256
+    datasets = [d.dataset for d in client.get_run(run.info.run_id).inputs.dataset_inputs]
+    assert [d.name for d in datasets] == ["so8t_sample.jsonl"]
+    assert params["data.files_sha256.0"].startswith(datasets[0].digest)
+    # the final state exported and logged as the run's MLflow model (tracking.log_models)
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert [m.source_run_id for m in models] == [run.info.run_id]
+    assert (run_dir / "export" / "final-step00000016" / "model.safetensors").is_file()
     labels = dict(kv.split(":") for kv in params["data.val_labels"].split())
     assert sum(map(int, labels.values())) == int(params["data.val_records"])
     assert [sum(row) for row in report["matrix"]] == [int(labels[k]) for k in report["labels"]]
@@ -193,7 +201,12 @@ def test_multirun_jobs_are_separate_runs_and_a_failure_does_not_break_the_next(t
         timeout=300,
     )
     client = MlflowClient(store)
-    runs = client.search_runs([client.get_experiment_by_name("so8t").experiment_id])
+    found = client.search_runs([client.get_experiment_by_name("so8t").experiment_id])
+    [parent] = [r for r in found if r.data.tags.get("so8t.sweep.parent") == "true"]
+    runs = [r for r in found if r is not parent]
+    # job 0's exception ends the sweep once every job ran (Hydra re-raises it): FAILED
+    assert parent.info.status == "FAILED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in runs} == {parent.info.run_id}
     by_steps = {r.data.params["trainer.max_steps"]: r for r in runs}
     assert sorted(by_steps) == ["3", "6"], out.stderr[-3000:]
     assert by_steps["6"].info.status == "FAILED"  # job 0 hit the injected fault at step 4

@@ -55,6 +55,18 @@ def run_export(ecfg: ExportConfig, tracking_uri: str | None) -> Exported:
     return result
 
 
+def log_run_models(session: Path, kinds: list[str], tracking_uri: str | None) -> None:
+    """At the end of a run: export each of ``kinds`` (``final``, ``best``) of the session
+    and log it as the run's MLflow model. A failure is logged, never raised: the run is
+    done, and ``python -m so8t_exp.export`` can do it again."""
+    for kind in kinds:
+        try:
+            ecfg = ExportConfig(source=str(session), checkpoint=kind, register=None)
+            run_export(ecfg, tracking_uri)
+        except Exception as err:  # noqa: BLE001  (an export must not fail a finished run)
+            log.warning("could not export the %s model: %s", kind, err)
+
+
 def _default_out(state: TrainedState) -> Path:
     if state.session is not None:
         return state.session / "export" / state.checkpoint

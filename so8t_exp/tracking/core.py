@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
-import subprocess
 import time
 from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,31 +23,26 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.fsutil import link_or_copy
-from so8t_exp.paths import PACKAGE_DIR, default_tracking_uri
+from so8t_exp.paths import default_tracking_uri
+from so8t_exp.tracking.describe import git_commit
+from so8t_exp.tracking.masking import mask_secrets
 from so8t_exp.tracking.metrics import START_RETRY_SECONDS, MetricBuffer, retry
 
 log = logging.getLogger(__name__)
 
-_SECRET_KEY = re.compile(r"token|secret|passw|api_?key|webhook|credential|auth|url", re.I)
-_SECRET_VALUE = re.compile(r"^(sk-|xox[abpr]-|ghp_|hf_)|://[^/\s]*:[^/\s]*@|[?&](token|key)=", re.I)
 _MAX_PARAMS = 100  # ... and of params
 CHECKPOINT_ARTIFACTS = "checkpoints"
 HEARTBEAT_TAG = "so8t.heartbeat"
 
 
+def iso(epoch: float) -> str:
+    """``epoch`` as an ISO-8601 UTC time: the readable twin of a raw epoch tag."""
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="seconds")
+
+
 def resolve_tracking_uri(uri: str | None) -> str:
     """``tracking.uri``, else ``MLFLOW_TRACKING_URI``, else sqlite under ``<project>/mlruns``."""
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
-
-
-def mask_secrets(flat: Mapping[str, Any]) -> dict[str, str]:
-    """Params safe to show: values of secret-looking keys or values become ``***``."""
-    out = {}
-    for key, value in flat.items():
-        text = str(value)
-        secret = _SECRET_KEY.search(key.rsplit(".", 1)[-1]) or _SECRET_VALUE.search(text)
-        out[key] = "***" if secret and value is not None else text[:6000]
-    return out
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -74,16 +68,6 @@ def _artifact_location(uri: str) -> str | None:
     return None
 
 
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 class Tracker:
     """One MLflow run: create or re-attach, then log to it by id."""
 
@@ -99,18 +83,32 @@ class Tracker:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(name, artifact_location=_artifact_location(self.uri))
-
-    def start(self, experiment: str, run_name: str | None, run_id: str | None = None) -> str:
-        """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING).
-        At boot the tracking server may not be up yet: tries for ``START_RETRY_SECONDS``."""
-        return retry(
-            "start the run", START_RETRY_SECONDS, self._start, experiment, run_name, run_id
+        # MLflow 3's UI files it under "Machine learning" (its runs table), not "GenAI apps".
+        kind = {"mlflow.experimentKind": "custom_model_development"}
+        return self.client.create_experiment(
+            name, artifact_location=_artifact_location(self.uri), tags=kind
         )
 
-    def _start(self, experiment: str, run_name: str | None, run_id: str | None) -> str:
+    def start(
+        self,
+        experiment: str,
+        run_name: str | Callable[[str], str] | None,
+        run_id: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> str:
+        """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING).
+        ``run_name`` may be a function of the experiment id (to make it unique there);
+        ``tags`` are set when the run is created (``mlflow.user`` only counts then).
+        At boot the tracking server may not be up yet: tries for ``START_RETRY_SECONDS``."""
+        return retry(
+            "start the run", START_RETRY_SECONDS, self._start, experiment, run_name, run_id, tags
+        )
+
+    def _start(self, experiment: str, run_name, run_id: str | None, tags) -> str:
         if run_id is None:
-            run = self.client.create_run(self.experiment_id(experiment), run_name=run_name)
+            exp_id = self.experiment_id(experiment)
+            name = run_name(exp_id) if callable(run_name) else run_name
+            run = self.client.create_run(exp_id, run_name=name, tags=dict(tags or {}))
             self.run_id, logged = run.info.run_id, {}
         else:
             self.run_id = run_id
@@ -174,12 +172,26 @@ class Tracker:
 
     def heartbeat(self, step: int | None = None) -> None:
         """Liveness for launchers on other hosts: a timestamp, host, PID and step as tags."""
+        now = time.time()
         self.set_tags(
             {
-                HEARTBEAT_TAG: f"{time.time():.3f}",
+                HEARTBEAT_TAG: f"{now:.3f}",  # raw epoch: what launchers compare
+                HEARTBEAT_TAG + "_iso": iso(now),
                 "so8t.step": step,
                 "so8t.host": socket.gethostname(),
                 "so8t.pid": os.getpid(),
+            }
+        )
+
+    def checkpoint_mirrored(self, name: str, step: int) -> None:
+        """The newest checkpoint in MLflow, as tags (raw epoch for launchers, ISO for people)."""
+        now = time.time()
+        self.set_tags(
+            {
+                "so8t.checkpoint.latest": name,
+                "so8t.checkpoint.latest_step": step,
+                "so8t.checkpoint.latest_time": f"{now:.3f}",
+                "so8t.checkpoint.latest_time_iso": iso(now),
             }
         )
 
@@ -257,10 +269,12 @@ class Tracker:
             log.warning("MLflow: could not download checkpoint %s: %s", name, err)
             return False
 
-    def finish(self, status: str, retry_seconds: float = 60.0) -> bool:
+    def finish(self, status: str, retry_seconds: float = 60.0, step: int | None = None) -> bool:
         """Flush metrics and close the run as FINISHED, FAILED or KILLED, retrying while the
         tracking server is unreachable (a clean exit must not leave the run RUNNING).
-        False if the status could not be set."""
+        ``step``: the last step, left in ``so8t.step``. False if the status could not be set."""
+        if step is not None:
+            self.set_tags({"so8t.step": step})
         if self.metrics is not None:
             self.metrics.close()
             if self.metrics.dropped_on_close:

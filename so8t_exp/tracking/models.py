@@ -83,7 +83,12 @@ def log_pyfunc_model(
         ),
         params=ParamSchema([ParamSpec("max_new_tokens", "long", 64)]),
     )
-    # Model.log, not pyfunc.log_model: only it takes a run id (no fluent active run).
+    example = pd.DataFrame({"prompt": ["Is it safe to mix bleach and ammonia?"]})
+    # Created here, in the run's experiment (Model.log alone would use the active or the
+    # Default experiment); Model.log, not pyfunc.log_model: only it takes a run id.
+    client = MlflowClient(resolve_tracking_uri(tracking_uri))
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, MODEL_ARTIFACT, source_run_id=run_id)
     info = Model.log(
         None,
         mlflow.pyfunc,
@@ -93,8 +98,9 @@ def log_pyfunc_model(
         artifacts={"hf_model": str(export_dir)},
         code_paths=[str(runtime)],
         signature=signature,
-        input_example=pd.DataFrame({"prompt": ["Is it safe to mix bleach and ammonia?"]}),
+        input_example=example,
         pip_requirements=_requirements(),
+        model_id=logged.model_id,
     )
     return info.model_uri
 

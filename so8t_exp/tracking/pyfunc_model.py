@@ -9,6 +9,8 @@ Input: a DataFrame with a ``prompt`` column; param ``max_new_tokens``. Output: `
 
 from __future__ import annotations
 
+from typing import Any
+
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
@@ -20,7 +22,9 @@ class SO8TPyfunc(PythonModel):
 
         self.chat = SO8TChat(context.artifacts["hf_model"])
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(
+        self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         prompts = [str(p) for p in pd.DataFrame(model_input)["prompt"]]
         limit = int((params or {}).get("max_new_tokens", 64))
         return pd.DataFrame(self.chat.answer(prompts, max_new_tokens=limit))

@@ -12,7 +12,8 @@ import yaml
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from so8t_exp.tracking.core import HEARTBEAT_TAG, resolve_tracking_uri
+from so8t_exp.tracking.core import HEARTBEAT_TAG, iso, resolve_tracking_uri
+from so8t_exp.tracking.sweep import is_parent
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ class RunRecord:
             return float(self.tags[key])
         except (KeyError, ValueError):
             return default
+
+    @property
+    def is_sweep_parent(self) -> bool:
+        """A multirun's parent run: no session of its own, never resumed or listed."""
+        return is_parent(self.tags)
 
     @property
     def session_dir(self) -> Path | None:
@@ -74,7 +80,7 @@ class RunRegistry:
         )
 
     def runs(self, experiments: list[str], unfinished_only: bool = True) -> list[RunRecord]:
-        """Runs of ``experiments``, newest first."""
+        """Session runs of ``experiments`` (not sweep parents), newest first."""
         exps = {
             e.experiment_id: e.name
             for name in experiments
@@ -92,7 +98,8 @@ class RunRegistry:
                 order_by=["attributes.start_time DESC"],
                 page_token=token,
             )
-            out += [self._record(r, exps[r.info.experiment_id]) for r in page]
+            records = (self._record(r, exps[r.info.experiment_id]) for r in page)
+            out += [r for r in records if not r.is_sweep_parent]
             token = page.token
             if not token:
                 return out
@@ -110,15 +117,24 @@ class RunRegistry:
 
         MLflow params are write-once: the first launcher to log ``so8t.resume.claim.<n>``
         wins, every other one gets an error. That works across hosts, where no file lock
-        is shared.
+        is shared. (A param, not a tag, though it is bookkeeping: tags can be overwritten, so
+        two launchers could both "win"; a write-once param is the only compare-and-set an
+        MLflow store offers.)
         """
         try:
             self.client.log_param(run_id, f"so8t.resume.claim.{number}", claimant)
         except MlflowException as err:
             log.info("claim %d of run %s lost: %s", number, run_id, err.message[:120])
             return False
+        now = time.time()
         self.set_tags(
-            run_id, {RESUME_COUNT: number, CLAIM_TIME: f"{time.time():.3f}", CLAIM_BY: claimant}
+            run_id,
+            {
+                RESUME_COUNT: number,
+                CLAIM_TIME: f"{now:.3f}",  # raw epoch: what launchers compare
+                CLAIM_TIME + "_iso": iso(now),
+                CLAIM_BY: claimant,
+            },
         )
         return (
             self.client.get_run(run_id).data.params.get(f"so8t.resume.claim.{number}") == claimant

@@ -1,0 +1,82 @@
+"""One parent MLflow run per Hydra multirun, registered in ``conf/train.yaml`` as a Hydra
+callback (``hydra.callbacks.so8t_sweep``).
+
+Hydra calls ``on_multirun_start`` before the first job and ``on_multirun_end`` only after
+the last one; a sweep stopped by a signal (the trainer exits ``128+N``) or by a job's
+exception never gets there, so an exit handler closes the parent then (KILLED, or FAILED
+after an exception). A SIGKILLed sweep leaves its parent RUNNING until the same sweep
+(same ``hydra.sweep.dir``) is started again. The work is in
+:mod:`so8t_exp.tracking.sweep`; this module only hooks it in.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class SweepParent(Callback):
+    """Opens the sweep's parent run, tells each job about it, closes it at the end."""
+
+    def __init__(self) -> None:
+        self.uri: str | None = None
+        self.parent_id: str | None = None
+        self.parent_name = ""
+        self.failed = False
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from so8t_exp.tracking.sweep import open_parent  # mlflow loads with the sweep only
+
+        self.uri = config.tracking.uri
+        overrides = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
+        try:
+            run = open_parent(
+                self.uri, config.tracking.experiment, Path(config.hydra.sweep.dir), overrides
+            )
+        except Exception as err:  # the jobs still run, ungrouped; each reports its own run
+            log.warning("could not open the sweep's MLflow run: %s", err)
+            return
+        self.parent_id, self.parent_name = run.info.run_id, run.info.run_name
+        atexit.register(self._close, "KILLED")
+        log.info("sweep run %s (%s)", self.parent_name, self.parent_id)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is None or config.hydra.output_subdir is None:
+            return
+        from so8t_exp.tracking.sweep import SweepJob
+
+        hc = config.hydra
+        SweepJob(
+            parent_run_id=self.parent_id,
+            parent_name=self.parent_name,
+            num=int(hc.job.num),
+            overrides=[str(o) for o in hc.overrides.task],
+            sweep_dir=str(Path(hc.sweep.dir).resolve()),
+        ).write(Path(hc.runtime.output_dir) / hc.output_subdir)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        # An exception in a job ends the sweep (Hydra re-raises it after the job).
+        self.failed = self.failed or job_return.status == JobStatus.FAILED
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.parent_id is not None:
+            atexit.unregister(self._close)
+            self._close(None)
+
+    def _close(self, status: str | None) -> None:
+        from so8t_exp.tracking.sweep import close_parent
+
+        if status is not None and self.failed:
+            status = "FAILED"
+        try:
+            close_parent(self.uri, self.parent_id, status)
+        except Exception as err:
+            log.warning("could not close the sweep's MLflow run %s: %s", self.parent_id, err)
