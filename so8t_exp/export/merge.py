@@ -35,6 +35,8 @@ def rebuild(state: TrainedState) -> Rebuilt:
         cfg.model.source.dtype = "float32"  # merge and fold in float32; cast once on write
     if "device_map" in cfg.model.source:
         cfg.model.source.device_map = None
+    if "load_in_8bit" in cfg.model.source:  # int8 weights cannot take a merge or a fold
+        cfg.model.source.load_in_8bit = False
     model, tokenizer, adapters, head = build.build_model(cfg, build.build_source(cfg))
     params = dict(model.named_parameters())
     unknown = sorted(set(state.weights) - set(params))
