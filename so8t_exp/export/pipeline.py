@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,9 +65,34 @@ def log_run_models(session: Path, kinds: list[str], tracking_uri: str | None) ->
     for kind in kinds:
         try:
             ecfg = ExportConfig(source=str(session), checkpoint=kind, register=None)
-            run_export(ecfg, tracking_uri)
+            with _no_progress_bars():
+                run_export(ecfg, tracking_uri)
         except Exception as err:  # noqa: BLE001  (an export must not fail a finished run)
             log.warning("could not export the %s model: %s", kind, err)
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Inside a training run (often unattended, its output in a log file), the progress
+    bars of transformers and MLflow would only be noise between timestamped lines."""
+    from transformers.utils import logging as hf_logging
+
+    key, before = (
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"),
+    )
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    os.environ[key] = "false"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _default_out(state: TrainedState) -> Path:
