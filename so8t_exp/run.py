@@ -311,7 +311,6 @@ class TrainingRun:
             tr.so8t_state(),
         )
         self.tracker.log_artifacts(folder, "final_model")
-        log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
         report = Evaluations.report(tr.progress, self.session_dir / "eval")
         if report is not None:
             self.tracker.log_artifacts(report, "eval")
@@ -324,6 +323,9 @@ class TrainingRun:
             f"run {self.tracker.run_id}: {tr.progress.step} steps, "
             f"best {self.cfg.checkpoint.best_metric} {tr.progress.best_value}",
         )
+        # Last, once the run is complete: rebuilding the model in float32 needs memory, and
+        # running out of it here must not leave a finished run unfinished (a crash loop).
+        log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
 
     def _stopped(
         self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
