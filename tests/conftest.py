@@ -54,6 +54,21 @@ def train_cmd(store: str, run_dir: Path, *overrides: str) -> list[str]:
     ]
 
 
+def sweep_cmd(store: str, sweep: Path, *overrides: str) -> list[str]:
+    """``python -m so8t_exp.train -m`` of the smoke experiment into ``sweep``."""
+    return [
+        sys.executable,
+        "-m",
+        "so8t_exp.train",
+        "-m",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={sweep}",
+        "trainer.progress_bar=false",
+        "+experiment=smoke",
+        *overrides,
+    ]
+
+
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "SO8T_EXP_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)

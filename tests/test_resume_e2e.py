@@ -12,7 +12,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tests.conftest import (
     start_train,
     stop_at_step,
     subprocess_env,
+    sweep_cmd,
     wait_for,
 )
 
@@ -309,17 +309,7 @@ def test_a_failed_restore_leaves_no_emergency_checkpoint(tmp_path, store):
 
 def test_a_stop_signal_stops_a_whole_sweep(tmp_path, store):
     sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "-m",
-        "so8t_exp.train",
-        "-m",
-        f"tracking.uri={store}",
-        f"hydra.sweep.dir={sweep}",
-        "trainer.progress_bar=false",
-        "+experiment=smoke",
-        "trainer.max_steps=100000,100001",
-    ]
+    cmd = sweep_cmd(store, sweep, "trainer.max_steps=100000,100001")
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,

@@ -11,23 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import session_info, subprocess_env, wait_for
+from tests.conftest import session_info, subprocess_env, sweep_cmd, wait_for
 
 pytestmark = pytest.mark.slow
-
-
-def sweep_cmd(store: str, sweep: Path, *overrides: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "so8t_exp.train",
-        "-m",
-        f"tracking.uri={store}",
-        f"hydra.sweep.dir={sweep}",
-        "trainer.progress_bar=false",
-        "+experiment=smoke",
-        *overrides,
-    ]
 
 
 def runs(store: str) -> tuple[list, list]:

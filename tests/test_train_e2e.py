@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.conftest import history, only_run, run_train, session_info, subprocess_env
+from tests.conftest import history, only_run, run_train, session_info, subprocess_env, sweep_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -180,20 +180,9 @@ def test_diverging_training_fails_cleanly_with_the_last_good_state(tmp_path, sto
 def test_multirun_jobs_are_separate_runs_and_a_failure_does_not_break_the_next(tmp_path, store):
     env = subprocess_env(tmp_path, SO8T_FAULT_FAIL_AT_STEP="4")
     import subprocess
-    import sys
 
     out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "so8t_exp.train",
-            "-m",
-            f"tracking.uri={store}",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-            "trainer.progress_bar=false",
-            "+experiment=smoke",
-            "trainer.max_steps=6,3",
-        ],
+        sweep_cmd(store, tmp_path / "sweep", "trainer.max_steps=6,3"),
         cwd=tmp_path,
         env=env,
         capture_output=True,

@@ -147,9 +147,12 @@ def candidates(root: Path) -> list[tuple[int, int, Path]]:
     return sorted(found, key=lambda t: (t[0], t[1]), reverse=True)
 
 
-def newest_valid(root: Path) -> Path | None:
-    """The newest checkpoint that verifies; each invalid newer one is skipped with a warning."""
-    for _step, _kind, folder in candidates(root):
+def newest_valid(root: Path, kind: str | None = None) -> Path | None:
+    """The newest checkpoint (of ``kind``, if given) that verifies; each invalid newer one
+    is skipped with a warning."""
+    for _step, k, folder in candidates(root):
+        if kind is not None and KINDS[k] != kind:
+            continue
         problem = verify(folder)
         if problem is None:
             return folder

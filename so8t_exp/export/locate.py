@@ -53,11 +53,8 @@ def locate(source: str, kind: str, tracking_uri: str | None) -> TrainedState:
 
 
 def _from_session(session: Path, kind: str, run_id: str | None) -> TrainedState:
-    found = [f for _s, k, f in fmt.candidates(session / "checkpoints") if fmt.KINDS[k] == kind]
-    for folder in found:  # newest first; a corrupt one is skipped as on resume
-        if fmt.verify(folder) is None:
-            break
-    else:
+    folder = fmt.newest_valid(session / "checkpoints", kind)  # a corrupt one is skipped
+    if folder is None:
         raise ConfigError(
             f"export.source={session}: no valid {kind} checkpoint in {session / 'checkpoints'}"
         )

@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.config import ConfigError
-from so8t_exp.tracking.core import CHECKPOINT_ARTIFACTS, resolve_tracking_uri
+from so8t_exp.tracking.core import Tracker, resolve_tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,9 @@ class RunArtifacts:
         return Path(tag) if tag and Path(tag).is_dir() else None
 
     def newest_checkpoint(self, kind: str) -> str | None:
-        entries = self.client.list_artifacts(self.run_id, CHECKPOINT_ARTIFACTS)
-        names = sorted(e.path.rsplit("/", 1)[-1] for e in entries if e.is_dir)
-        names = [n for n in names if n.startswith(f"{kind}-step")]
+        tracker = Tracker(self.client.tracking_uri)
+        tracker.run_id = self.run_id
+        names = sorted(n for n in tracker.list_checkpoints() if n.startswith(f"{kind}-step"))
         return names[-1] if names else None  # zero-padded steps sort as numbers
 
     def download(self, path: str, dest: Path) -> Path:
