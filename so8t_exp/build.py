@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from so8t_exp import chat, data, so8t
 from so8t_exp.notify import Notifiers
 from so8t_exp.safety_head import SafetyHead, attach_safety_head
-from so8t_exp.trainer import Trainer, lr_factor
+from so8t_exp.trainer import Progress, Trainer, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -119,13 +119,16 @@ def build_training(
         train, t.micro_batch_size, t.grad_accum_steps, cfg.seed, tokenizer.pad_token_id
     )
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    s = t.scheduler
+    s, progress = t.scheduler, Progress()
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, s.warmup_steps, t.max_steps, s.name, s.min_lr_ratio)
+        optimizer,
+        lambda step: lr_factor(
+            step, s.warmup_steps, progress.horizon(t.max_steps), s.name, s.min_lr_ratio
+        ),
     )
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     trainer = Trainer(
-        cfg, model, adapters, head, optimizer, scheduler, scaler, plan, device, precision
+        cfg, model, adapters, head, optimizer, scheduler, scaler, plan, device, precision, progress
     )
     mb = t.micro_batch_size
     val_batches = [

@@ -56,16 +56,39 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, str]:
     return out
 
 
-def check_fingerprint(saved: dict[str, str], current: dict[str, str], allow: bool) -> None:
-    """Refuse to continue under a different config, listing every differing key."""
+def _differences(saved: dict[str, str], current: dict[str, str]) -> tuple[list[str], str]:
+    """The keys that differ, and one line per key for people."""
     keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if not keys:
-        return
-    lines = [
+    text = "\n".join(
         f"  {k}: checkpoint {saved.get(k, '<absent>')} -> now {current.get(k, '<absent>')}"
         for k in keys
-    ]
-    message = "the config differs from the checkpoint's:\n" + "\n".join(lines)
+    )
+    return keys, text
+
+
+def longer_only(saved: dict[str, str], current: dict[str, str]) -> int | None:
+    """For a completed session: the ``trainer.max_steps`` it was trained to, if the config
+    now differs only in a larger one (train longer); None if it does not differ, or only in
+    a smaller one (nothing to do). Any other change is refused with the list of keys."""
+    keys, text = _differences(saved, current)
+    key = "trainer.max_steps"
+    if keys == [key]:
+        old, new = int(saved[key]), int(current[key])
+        return old if new > old else None
+    if keys:
+        raise ConfigError(
+            "the session is completed; only a larger trainer.max_steps continues it (train "
+            "longer), but the config differs:\n" + text
+        )
+    return None
+
+
+def check_fingerprint(saved: dict[str, str], current: dict[str, str], allow: bool) -> None:
+    """Refuse to continue under a different config, listing every differing key."""
+    keys, text = _differences(saved, current)
+    if not keys:
+        return
+    message = "the config differs from the checkpoint's:\n" + text
     if not allow:
         raise ConfigError(message + "\nset checkpoint.allow_config_change=true to continue anyway")
     logging.getLogger(__name__).warning("%s\ncontinuing (checkpoint.allow_config_change)", message)

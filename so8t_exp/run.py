@@ -24,14 +24,16 @@ from so8t_exp.config import validate
 from so8t_exp.evaluations import Evaluations
 from so8t_exp.export import export_final
 from so8t_exp.export.pipeline import log_run_models
-from so8t_exp.fingerprint import check_fingerprint, config_fingerprint
+from so8t_exp.fingerprint import check_fingerprint, config_fingerprint, longer_only
 from so8t_exp.lock import SessionLock
 from so8t_exp.progress_bar import ProgressBar
 from so8t_exp.run_inputs import record_inputs
 from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
+from so8t_exp.takeover import handed_claim, take_over
 from so8t_exp.tracking import Tracker
+from so8t_exp.tracking.fencing import EXIT_FENCED, Fenced
 from so8t_exp.tracking.run_page import RunPage
 from so8t_exp.trainer import TrainingDiverged
 
@@ -50,6 +52,7 @@ def _frozen_heap() -> Iterator[None]:
     model, MLflow client: ~700k objects). Otherwise the allocations of the tracking threads
     trigger full collections that scan it all with the GIL held — a ~0.3 s stall of the
     training thread every few seconds on a 2-core CPU (bench/run.py, overhead ratio)."""
+    gc.collect()  # (garbage frozen now would never be freed: a previous session's model)
     gc.freeze()
     try:
         yield
@@ -65,6 +68,9 @@ class TrainingRun:
         self.host_buffers = HostBuffers()
         self.notify = build.build_notifiers(cfg)
         self.source = build.build_source(cfg)
+        self.heartbeat = None
+        self.restored = None  # (checkpoint folder, payload) until the model has it
+        self.extend_from: int | None = None  # a completed run trained longer: its old length
 
     # -- attach and restore -----------------------------------------------------------
     def execute(self) -> int:
@@ -75,19 +81,25 @@ class TrainingRun:
         lock = SessionLock(self.session_dir).acquire(wait=self.cfg.session.lock_wait_seconds)
         try:
             return self._attach_and_run()
+        except Fenced as err:  # before this process wrote anything: say why and go
+            log.error("%s", err)
+            return EXIT_FENCED
         finally:
+            if self.heartbeat is not None:
+                self.heartbeat.stop()
             lock.release()
 
     def _attach_and_run(self) -> int:
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
         self.page = RunPage(self.tracker, self.cfg.tracking, self.session_dir, self.hydra_dir)
         info = self.session.load()
-        if info is not None and info.status == "completed":
-            log.info("session %s is already completed; nothing to do", self.session_dir)
-            return 0
+        completed = info is not None and info.status == "completed"
+        handed = handed_claim()
         run_id = (
             info.session_id
             if info
+            else handed[0]  # (a launcher on another host: this folder is new here)
+            if handed
             else self.tracker.find_session_run(self.cfg.tracking.experiment, self.session_dir)
         )
         if run_id == "FINISHED":
@@ -107,17 +119,57 @@ class TrainingRun:
         if run_id is None:
             self.checkpointer.set_aside_foreign()
         restored = self.checkpointer.newest() if run_id else None
-        if restored:
+        if run_id is not None and restored is None and not completed:
+            self._start_over()
+        if completed and not self._longer(restored):
+            log.info("session %s is already completed; nothing to do", self.session_dir)
+            return 0
+        if restored and not completed:
             check_fingerprint(
                 restored[1].docs["state"]["config"],
                 self.fingerprint,
                 self.cfg.checkpoint.allow_config_change,
             )
+        if run_id is not None:  # own the run before writing to it
+            self._take_over()
         step = restored[1].docs["state"]["progress"]["step"] if restored else 0
+        # Handed over, not kept here: the host copy of the trained state is freed as soon
+        # as it is restored (a frame of this method lives as long as the session).
+        self.restored, restored = restored, None
         self.page.open(run_id, step, self._hydra_overrides())
+        if run_id is None:
+            self._take_over()
         self._open_session(info, resumed=run_id is not None)
         with StopRequest() as stop:
-            return self._guarded(stop, restored)
+            return self._guarded(stop)
+
+    def _longer(self, restored) -> bool:
+        """Whether a completed session is to be trained longer (a larger
+        ``trainer.max_steps``, nothing else changed; anything else is refused)."""
+        self.extend_from = None
+        if restored:
+            saved = restored[1].docs["state"]["config"]
+            self.extend_from = longer_only(saved, self.fingerprint)
+        return self.extend_from is not None
+
+    def _start_over(self) -> None:
+        """A known run without a checkpoint to continue from: say so plainly (and keep
+        any invalid ones aside) instead of "resuming" from nothing."""
+        bad, aside = self.checkpointer.set_aside_invalid()
+        if not bad:
+            log.warning("no checkpoint yet: starting from step 0 in the same run")
+            return
+        where = f"; the local ones are kept in {aside}" if aside else ""
+        message = (
+            f"no valid checkpoint: starting over from step 0 in the same run "
+            f"({len(bad)} invalid: {', '.join(bad)}{where})"
+        )
+        log.warning("%s", message)
+        self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {message}")
+
+    def _take_over(self) -> None:
+        step = lambda: self._state_for_monitor()["step"]  # noqa: E731
+        self.heartbeat = take_over(self.tracker, self.cfg.session.heartbeat_seconds, step)
 
     def _open_session(self, info: SessionInfo | None, resumed: bool) -> None:
         if info is None:
@@ -131,7 +183,6 @@ class TrainingRun:
         )
         tags = {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
         self.tracker.set_tags(tags)
-        self.tracker.heartbeat()
         record_inputs(self.tracker, self.cfg, self.fingerprint, self.dataset, not resumed)
         if self.hydra_dir and self.hydra_dir.is_dir():
             self.tracker.log_artifacts(self.hydra_dir, "hydra")
@@ -147,7 +198,8 @@ class TrainingRun:
         return [str(o) for o in OmegaConf.load(path)]
 
     # -- build ------------------------------------------------------------------------
-    def _build(self, restored) -> None:
+    def _build(self) -> None:
+        restored, self.restored = self.restored, None
         build.seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
         device, precision = build.resolve_device(self.cfg.trainer)
         built = build.build_training(self.cfg, self.source, self.dataset, device, precision)
@@ -171,16 +223,30 @@ class TrainingRun:
             self.checkpointer.last_save_step = trainer.progress.step
             self.checkpointer.last_save_seconds = state["last_save_seconds"]
             self.tracker.requeue_metrics(state.get("metrics_unsent", []))
+            if self.extend_from:
+                self._train_longer(trainer.progress)
             trainer.sync_schedules()
             log.info("continuing from step %d (%s)", trainer.progress.step, restored[0].name)
         # Only now: a restore that fails must not look like a state worth an emergency save.
         self.trainer = trainer
 
+    def _train_longer(self, progress) -> None:
+        old, new = self.extend_from, self.cfg.trainer.max_steps
+        progress.schedule_steps = progress.schedule_steps or old
+        log.warning(
+            "training longer: %d -> %d steps in the same run; the LR, alpha and PET schedules "
+            "keep their horizon of %d steps, so the added steps run at their final values",
+            old,
+            new,
+            progress.schedule_steps,
+        )
+        self.tracker.set_tags({"so8t.trained_longer": f"{old} -> {new}"})
+
     # -- loop -------------------------------------------------------------------------
-    def _guarded(self, stop: StopRequest, restored) -> int:
+    def _guarded(self, stop: StopRequest) -> int:
         monitor = None
         try:
-            self._build(restored)
+            self._build()
             monitor = Monitor(
                 self.tracker.log_metrics,
                 self._state_for_monitor,
@@ -188,9 +254,7 @@ class TrainingRun:
                 {
                     "stats": self.cfg.tracking.system_stats_interval_seconds,
                     "progress": self.cfg.progress.interval_seconds,
-                    "heartbeat": self.cfg.session.heartbeat_seconds,
                 },
-                self.tracker.heartbeat,
             ).start()
             with _frozen_heap():
                 self._loop(stop)
@@ -200,6 +264,8 @@ class TrainingRun:
             return 0
         except KeyboardInterrupt:
             return self._stopped(stop, "interrupted", "KILLED", stop.exit_code)
+        except Fenced as err:
+            return self._fenced(stop, err)
         except TrainingDiverged as err:  # a clear message; a traceback would add nothing
             log.error("%s", err)
             self.tracker.log_metrics(err.metrics, self.trainer.progress.step)
@@ -218,7 +284,10 @@ class TrainingRun:
         bar = ProgressBar(t.max_steps, p.step, enabled=t.progress_bar)
         if self.evals.missed(p):
             self._evaluate()
+        lease = self.tracker.lease
         while p.step < t.max_steps and not stop.requested:
+            if lease.fenced:
+                raise Fenced(lease.reason)
             metrics = self.trainer.train_step()
             metrics.update(self.pending_metrics)
             self.pending_metrics.clear()
@@ -245,6 +314,8 @@ class TrainingRun:
 
     # -- save and finish --------------------------------------------------------------
     def _save(self, kind: str, wait: bool = False) -> None:
+        if self.tracker.lease.fenced:  # (a checkpoint now would be another owner's history)
+            raise Fenced(self.tracker.lease.reason)
         tr = self.trainer
         started = time.perf_counter()
         self.checkpointer.drain()  # the host buffers below are reused: the last write is done
@@ -318,6 +389,8 @@ class TrainingRun:
         # (from the final checkpoint) instead of believing it done.
         if self.page.finish("FINISHED", tr.progress.step):
             self.session.save(status="completed", current_step=tr.progress.step)
+        elif self.tracker.lease.fenced:  # (taken over while closing: not ours to finish)
+            raise Fenced(self.tracker.lease.reason)
         self.notify(
             "finished",
             f"run {self.tracker.run_id}: {tr.progress.step} steps, "
@@ -326,6 +399,17 @@ class TrainingRun:
         # Last, once the run is complete: rebuilding the model in float32 needs memory, and
         # running out of it here must not leave a finished run unfinished (a crash loop).
         log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
+
+    def _fenced(self, stop: StopRequest, err: Fenced) -> int:
+        """Another process owns the run now: no checkpoint, metric, tag or status from
+        here on (it continues from the newest checkpoint in MLflow); only say so."""
+        stop.shield()
+        log.error("%s", err)
+        if self.tracker.metrics is not None:
+            self.tracker.metrics.close(timeout=0)  # (points it holds are dropped)
+        self.notify("failed", f"run {self.tracker.run_id} on this host: {err}")
+        stop.done()
+        return EXIT_FENCED
 
     def _stopped(
         self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
@@ -338,6 +422,7 @@ class TrainingRun:
             tr is not None
             and not tr.applying
             and tr.progress.step > self.checkpointer.last_save_step
+            and not self.tracker.lease.fenced
         ):
             try:
                 self._save("emergency", wait=True)

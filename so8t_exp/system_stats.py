@@ -74,7 +74,9 @@ class SystemSampler:
 class Monitor:
     """Periodic background work beside training, each task on its own interval:
     system figures through ``log_metrics``; a JSON line of system and training figures in
-    ``<session>/progress_logs/progress.jsonl``; and the liveness ``heartbeat``."""
+    ``<session>/progress_logs/progress.jsonl``. (The liveness heartbeat has a thread of
+    its own, :class:`so8t_exp.tracking.fencing.Heartbeat`: a slow NVML read must not delay
+    it.)"""
 
     def __init__(
         self,
@@ -82,7 +84,6 @@ class Monitor:
         training_state: Callable[[], dict],
         session_dir: Path,
         intervals: dict[str, float],
-        heartbeat: Callable[[int], None],
     ) -> None:
         self.log_metrics, self.training_state = log_metrics, training_state
         self.progress_file = session_dir / "progress_logs" / "progress.jsonl"
@@ -90,7 +91,6 @@ class Monitor:
         self.tasks = {
             "stats": (intervals["stats"], self.log_stats),
             "progress": (intervals["progress"], self.write_progress),
-            "heartbeat": (intervals["heartbeat"], lambda: heartbeat(training_state()["step"])),
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="so8t-monitor", daemon=True)

@@ -50,6 +50,12 @@ class Progress:
     skipped_steps: int = 0  # non-finite loss or gradient: not applied
     bad_streak: int = 0  # consecutive skipped steps
     confusion: list[list[int]] | None = None  # safety head, at the last evaluation
+    # Horizon of the LR, alpha and PET schedules when it is not trainer.max_steps: a
+    # completed run trained longer keeps the horizon it was planned with.
+    schedule_steps: int | None = None
+
+    def horizon(self, max_steps: int) -> int:
+        return self.schedule_steps or max_steps
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -88,13 +94,14 @@ class Trainer:
         plan: BatchPlan,
         device: torch.device,
         precision: str,
+        progress: Progress | None = None,
     ) -> None:
         self.cfg, self.model, self.adapters, self.head = cfg, model, adapters, head
         self.optimizer, self.scheduler, self.scaler = optimizer, scheduler, scaler
         self.plan, self.device = plan, device
         self.autocast = amp_context(device, precision)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        self.progress = Progress()
+        self.progress = progress or Progress()
         self.boundary_rng: RNGState | None = None  # RNGs at the start of the current step
         self.in_step = False  # True from the start of a step until it is complete
         self.applying = False  # True while an optimizer update is half-applied
@@ -103,12 +110,13 @@ class Trainer:
         self._fail_at = int(os.environ.get("SO8T_FAULT_FAIL_AT_STEP", "0") or 0)
         nan_at = os.environ.get("SO8T_FAULT_NAN_AT_STEPS", "")
         self._nan_at = {int(s) for s in nan_at.split(",") if s.strip()}
+        self._step_pause = float(os.environ.get("SO8T_FAULT_STEP_SECONDS", "0") or 0)
 
     def schedules(self, step: int) -> dict[str, float]:
-        t = self.cfg.trainer
+        total, so8t_cfg = self.progress.horizon(self.cfg.trainer.max_steps), self.cfg.model.so8t
         return {
-            "train/alpha": so8t.alpha_at(step, self.cfg.model.so8t.alpha_gate, t.max_steps),
-            "train/pet_weight": so8t.pet_weight_at(step, self.cfg.model.so8t.pet, t.max_steps),
+            "train/alpha": so8t.alpha_at(step, so8t_cfg.alpha_gate, total),
+            "train/pet_weight": so8t.pet_weight_at(step, so8t_cfg.pet, total),
         }
 
     def sync_schedules(self) -> None:
@@ -130,6 +138,8 @@ class Trainer:
         started = time.perf_counter()
         sched = self.schedules(step)
         so8t.set_alpha(self.adapters, sched["train/alpha"])
+        if self._step_pause:  # (a slow model, for tests that need time mid-run)
+            time.sleep(self._step_pause)
         if self._fail_at and step + 1 == self._fail_at:
             raise RuntimeError(f"fault injection: SO8T_FAULT_FAIL_AT_STEP={self._fail_at}")
         micro = self.plan.micro_batches(step)

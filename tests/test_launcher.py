@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -10,13 +10,19 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.config import ResumeConfig
+from so8t_exp.host import host_id
 from so8t_exp.launcher import Launcher, judge
 from so8t_exp.lock import SessionLock, SessionLocked, is_locked
 from so8t_exp.notify import Notifiers
+from so8t_exp.overrides import override
+from so8t_exp.paths import config_dir
+from so8t_exp.tracking.claims import claim_run, newest_claim
 from so8t_exp.tracking.runs import GIVEN_UP, RunRegistry
+from so8t_exp.verdict import HeartbeatWatch
 
 
 class Recorder:
@@ -48,7 +54,7 @@ def make_run(
         session.mkdir()
     all_tags = {
         "so8t.session_dir": str(session),
-        "so8t.host": host or socket.gethostname(),
+        "so8t.host": host or host_id(),
         "so8t.heartbeat": f"{time.time() - heartbeat_age:.3f}",
         **tags,
     }
@@ -194,7 +200,7 @@ def test_claim_is_won_by_exactly_one_of_many(tmp_path: Path, store: str):
     def claim(i: int) -> None:
         registry = RunRegistry(store)
         start.wait()
-        results.append(registry.claim(run_id, 1, f"launcher-{i}"))
+        results.append(registry.claim(run_id, f"h:{i}:launcher", 0) is not None)
 
     threads = [threading.Thread(target=claim, args=(i,)) for i in range(6)]
     for t in threads:
@@ -202,23 +208,77 @@ def test_claim_is_won_by_exactly_one_of_many(tmp_path: Path, store: str):
     for t in threads:
         t.join()
     assert sorted(results) == [False] * 5 + [True]
-    tags = client.get_run(run_id).data.tags
-    assert tags["so8t.resume.count"] == "1"
+    run = client.get_run(run_id)
+    assert newest_claim(run.data.params).number == 1
+    assert run.data.tags["so8t.resume.count"] == "0"
+
+
+def test_a_claimant_that_died_half_way_does_not_wedge_the_run(tmp_path: Path, store: str):
+    """Claim 1 written, nothing after it (the launcher died): the next claim is 2 and wins."""
+    client = MlflowClient(store)
+    run_id = make_run(client, tmp_path, "half_claimed", "KILLED")
+    client.log_param(run_id, "so8t.resume.claim.1", "h:1:dead@1700000000.000")
+    claim = RunRegistry(store).claim(run_id, "h:2:next", 1)
+    assert claim is not None and claim.number == 2
+    assert newest_claim(client.get_run(run_id).data.params) == claim
+
+
+def test_a_locked_database_delays_a_claim_instead_of_losing_it(tmp_path: Path, store: str):
+    """A real sqlite write lock held by another connection: MLflow's writes fail with
+    "database is locked" until it is released; the claim is retried and won."""
+    client = MlflowClient(store)
+    run_id = make_run(client, tmp_path, "busy_db", "KILLED")
+    db = sqlite3.connect(
+        tmp_path / "mlruns" / "mlflow.db", timeout=0, isolation_level=None, check_same_thread=False
+    )
+    db.execute("BEGIN EXCLUSIVE")
+    released = threading.Timer(4.0, lambda: db.execute("COMMIT"))
+    released.start()
+    try:
+        claim = claim_run(MlflowClient(store), run_id, "h:3:patient", 0, retry_seconds=60)
+    finally:
+        released.join()
+        db.close()
+    assert claim is not None and claim.number == 1
+
+
+def _claim_param(number: int, by: str, age: float) -> dict[str, str]:
+    return {f"so8t.resume.claim.{number}": f"{by}@{time.time() - age:.3f}"}
 
 
 def test_fresh_claim_is_respected(tmp_path: Path, store: str):
     client = MlflowClient(store)
-    run_id = make_run(
-        client,
-        tmp_path,
-        "claimed",
-        "KILLED",
-        **{"so8t.resume.claim_time": f"{time.time() - 5:.3f}", "so8t.resume.claim_by": "x:1"},
-    )
+    run_id = make_run(client, tmp_path, "claimed", "KILLED")
+    for key, value in _claim_param(1, f"{host_id()}:1:x", 5).items():
+        client.log_param(run_id, key, value)
     decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=120))
-    assert decision.action == "skip" and "being resumed by x:1" in decision.reason
+    assert decision.action == "skip" and f"being resumed by {host_id()}:1:x" in decision.reason
     decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=1))
     assert decision.action == "resume"
+
+
+def test_another_hosts_run_is_judged_on_this_hosts_clock(tmp_path: Path, store: str):
+    """The other host's clock is a day behind: its heartbeat tag looks a day old, but it
+    changes, so the run is alive; once it stops changing for stale_after_seconds (on
+    this host's clock) it is dead."""
+    client = MlflowClient(store)
+    run_id = make_run(
+        client, tmp_path, "skewed", "RUNNING", folder=False, host="far", heartbeat_age=86400
+    )
+    cfg = ResumeConfig(stale_after_seconds=60)
+    watch = HeartbeatWatch(tmp_path / "seen.json")
+    t0 = time.time()
+    run = RunRegistry(store).get(run_id)
+    first = judge(run, cfg, now=t0, watch=lambda r: watch.unchanged_for(r, t0))
+    assert first.action == "watch" and "far" in first.reason and first.state == "unknown"
+    watch.save()
+    client.set_tag(run_id, "so8t.heartbeat", f"{t0 - 86400 + 30:.3f}")  # a beat, skewed
+    later = HeartbeatWatch(tmp_path / "seen.json")  # the next launcher goes on counting
+    run = RunRegistry(store).get(run_id)
+    again = judge(run, cfg, now=t0 + 50, watch=lambda r: later.unchanged_for(r, t0 + 50))
+    assert again.action == "watch"  # it changed: counting starts over
+    quiet = judge(run, cfg, now=t0 + 120, watch=lambda r: later.unchanged_for(r, t0 + 120))
+    assert quiet.action == "resume" and "last on far" in quiet.reason
 
 
 def test_session_lock_is_exclusive_and_names_the_holder(tmp_path: Path, holder):
@@ -240,15 +300,24 @@ def test_claim_of_a_dead_launcher_on_this_host_is_ignored(tmp_path: Path, store:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     client = MlflowClient(store)
-    run_id = make_run(
-        client,
-        tmp_path,
-        "orphan_claim",
-        "RUNNING",
-        **{
-            "so8t.resume.claim_time": f"{time.time() - 5:.3f}",
-            "so8t.resume.claim_by": f"{socket.gethostname()}:{dead.pid}:abcd",
-        },
-    )
+    run_id = make_run(client, tmp_path, "orphan_claim", "RUNNING")
+    for key, value in _claim_param(1, f"{host_id()}:{dead.pid}:abcd", 5).items():
+        client.log_param(run_id, key, value)
     decision = judge(RunRegistry(store).get(run_id), ResumeConfig(claim_grace_seconds=120))
     assert decision.action == "resume", decision.reason
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "/home/ユーザー/実験 1/run",
+        "C:\\Users\\it's me\\run\\",
+        'a "b" = c, [d] {e} &(f) ${g}',
+        "sqlite:////tmp/x y/mlflow.db",
+        "\\",
+    ],
+)
+def test_quoted_override_values_come_back_unchanged_through_hydra(value: str):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=[override("tracking.uri", value)])
+    assert cfg.tracking.uri == value

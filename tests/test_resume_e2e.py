@@ -322,3 +322,46 @@ def test_a_stop_signal_stops_a_whole_sweep(tmp_path, store):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(120) == 128 + signal.SIGTERM
     assert not (sweep / "1").exists()  # the next job never started
+
+
+def test_no_valid_checkpoint_anywhere_starts_over_plainly_in_the_same_run(
+    tmp_path, store, baseline
+):
+    """Every local checkpoint corrupted, and the hard-linked MLflow copies with them."""
+    run_dir = tmp_path / "run"
+    stop_at_step(tmp_path, store, run_dir, OVERRIDES, 13, signal.SIGKILL)
+    for folder in (run_dir / "checkpoints").iterdir():
+        weights = folder / "weights.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[-3] ^= 0x01
+        weights.write_bytes(bytes(data))  # (same inode: the MLflow copy changes too)
+    log = finish(tmp_path, store, run_dir)
+    assert "no valid checkpoint: starting over from step 0 in the same run" in log
+    assert "continuing from step" not in log
+    kept = list(run_dir.glob("checkpoints.corrupt-*"))
+    assert len(kept) == 1 and any(kept[0].iterdir()), "the corrupt ones are kept aside"
+    assert_same_as_baseline(run_dir, store, baseline)  # (deterministic from step 0)
+
+
+def test_a_completed_session_trains_longer_in_the_same_run(tmp_path, store):
+    run_dir = tmp_path / "run"
+    smoke = ("+experiment=smoke", "trainer.max_steps=12")
+    assert run_train(tmp_path, store, run_dir, *smoke).returncode == 0
+    _client, first = only_run(store)
+    out = run_train(tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=20")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "training longer: 12 -> 20 steps in the same run" in out.stdout + out.stderr
+    client, run = only_run(store)
+    assert run.info.run_id == first.info.run_id and run.info.status == "FINISHED"
+    assert [s for s, _ in history(client, run.info.run_id, "train/loss")] == list(range(1, 21))
+    lr = dict(history(client, run.info.run_id, "train/lr"))
+    floor = 3.0e-3 * 0.1  # the schedule's end value: min_lr_ratio x lr
+    assert all(abs(lr[s] - floor) < 1e-9 for s in range(13, 21)), lr
+    assert session_info(run_dir)["status"] == "completed"
+    assert newest_valid(run_dir / "checkpoints").name == "final-step00000020"
+    assert run.data.tags["so8t.trained_longer"] == "12 -> 20"
+    # Anything else changed on a completed session is refused, naming it.
+    out = run_train(tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=30", "seed=3")
+    assert out.returncode == 2 and "seed" in out.stderr and "train longer" in out.stderr
+    same = run_train(tmp_path, store, run_dir, "+experiment=smoke", "trainer.max_steps=20")
+    assert same.returncode == 0 and "already completed" in same.stdout + same.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from so8t_exp.overrides import override
+from so8t_exp.paths import sqlite_uri
 from tests.conftest import (
     history,
     only_run,
@@ -126,6 +129,34 @@ def test_resume_all_finishes_every_dead_run_in_one_process(tmp_path, store):
         assert session_info(run_dir)["status"] == "completed"
 
 
+class MemoryProbe:
+    """A notifier (real, instantiated by the trainer from its config) that reports, when a
+    session finishes, how many sessions and checkpoint payloads are still in memory."""
+
+    def notify(self, event: str, message: str) -> None:
+        if event == "finished":
+            from so8t_exp.checkpoint.format import Payload
+            from so8t_exp.run import TrainingRun
+
+            gc.collect()
+            alive = gc.get_objects()
+            runs = sum(isinstance(o, TrainingRun) for o in alive)
+            payloads = sum(isinstance(o, Payload) for o in alive)
+            print(f"memory probe: {runs} sessions, {payloads} payloads", flush=True)
+
+
+def test_one_launcher_frees_each_session_before_the_next(tmp_path, store):
+    """``resume.all`` in one process: when the second session finishes, the first one (its
+    model) and the restored checkpoint (a host copy of the trained state) are gone."""
+    probe = f"+notify.notifiers.probe._target_={__name__}.MemoryProbe"
+    for name in ("run-a", "run-b"):
+        stop_at_step(tmp_path, store, tmp_path / name, (*OVERRIDES, probe), 8)
+    out = run_resume(tmp_path, store, "resume.all=true")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    probes = [line for line in out.stdout.splitlines() if line.startswith("memory probe")]
+    assert probes == ["memory probe: 1 sessions, 0 payloads"] * 2, out.stdout[-3000:]
+
+
 def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
     run_dir = killed_run(tmp_path, store, at_step=12)
     run_id = session_info(run_dir)["session_id"]
@@ -175,8 +206,8 @@ def test_two_launchers_at_once_resume_the_run_once(tmp_path, store):
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert sum("launching:" in o for o in outputs) == 1, outputs
     client, run = only_run(store)
-    claims = [k for k in run.data.params if k.startswith("so8t.resume.claim.")]
-    assert claims == ["so8t.resume.claim.1"]
+    claims = sorted(k for k in run.data.params if k.startswith("so8t.resume.claim."))
+    assert claims == ["so8t.resume.claim.1", "so8t.resume.claim.2"]  # the trainer's, one launcher's
     assert_finished_once(store, run_id)
 
 
@@ -227,3 +258,29 @@ def test_crash_loop_is_given_up(tmp_path, store):
     assert run.info.status == "FAILED" and run.data.tags["so8t.given_up"]
     out = run_resume(tmp_path, store, env=env)
     assert "nothing to resume" in out.stdout
+
+
+def test_a_run_in_any_folder_a_user_can_have_is_resumed(tmp_path):
+    """Non-ASCII, spaces, both quotes, ``=``, ``,``, brackets, ``&()`` and ``${`` in the
+    session folder and in the store's path: the launcher's overrides are quoted for Hydra."""
+    odd = tmp_path / 'データ it\'s "q" a=b,c [x] {y} &(z) ${w}'
+    store = sqlite_uri(odd / "mlruns" / "mlflow.db")
+    run_dir = odd / "run"
+    cmd = [sys.executable, "-m", "so8t_exp.train", override("tracking.uri", store)]
+    cmd += [override("hydra.run.dir", str(run_dir)), "trainer.progress_bar=false", *OVERRIDES]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=subprocess_env(tmp_path))
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 8, proc=proc, what="step 8")
+    proc.kill()
+    proc.wait(30)
+    run_id = session_info(run_dir)["session_id"]
+    out = subprocess.run(
+        [sys.executable, "-m", "so8t_exp.resume", override("tracking.uri", store)],
+        cwd=tmp_path,
+        env=subprocess_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert_finished_once(store, run_id)
+    assert session_info(run_dir)["status"] == "completed"

@@ -127,19 +127,40 @@ class Checkpointer:
         """A new run in a folder that holds checkpoints (of a run this store does not know):
         move them to ``checkpoints.orphaned-<time>`` so they are neither resumed nor pruned
         against the new run's own."""
-        if self.local_names():
-            aside = self.root.with_name(f"checkpoints.orphaned-{int(time.time())}")
-            os.replace(self.root, aside)
-            self.root.mkdir()
+        aside = self._set_aside("orphaned")
+        if aside is not None:
             log.warning("moved checkpoints of an unknown run to %s", aside)
+
+    def set_aside_invalid(self) -> tuple[list[str], Path | None]:
+        """No checkpoint verifies: move the local ones to ``checkpoints.corrupt-<time>`` for
+        inspection, and delete from MLflow those that failed there (they would outrank the
+        new ones in retention). The invalid names, and where the local ones went."""
+        names = self.local_names()
+        aside = self._set_aside("corrupt")
+        store = self.mirror.store
+        for name in self.mirror.rejected:
+            if store is not None:
+                store.delete_checkpoint(name)
+        return sorted(set(names) | set(self.mirror.rejected)), aside
+
+    def _set_aside(self, label: str) -> Path | None:
+        if not self.local_names():
+            return None
+        aside = self.root.with_name(f"checkpoints.{label}-{int(time.time())}")
+        os.replace(self.root, aside)
+        self.root.mkdir()
+        return aside
 
     def local_names(self) -> list[str]:
         return [p.name for _s, _k, p in fmt.candidates(self.root)]
 
     # -- load -------------------------------------------------------------------------
     def newest(self) -> tuple[Path, fmt.Payload] | None:
-        """The newest valid checkpoint: local first, else downloaded from MLflow."""
-        folder = fmt.newest_valid(self.root) or self.mirror.fetch_newest()
+        """The newest valid checkpoint: local, unless MLflow has a newer one (written by
+        this run on another host since) that verifies."""
+        local = fmt.newest_valid(self.root)
+        parsed = fmt.parse_name(local.name) if local else None
+        folder = self.mirror.fetch_newest(above=parsed[1] if parsed else -1) or local
         if folder is None:
             return None
         log.info("resuming from checkpoint %s", folder)

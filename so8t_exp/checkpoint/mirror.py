@@ -54,6 +54,7 @@ class Mirror:
         self._busy = False
         self._closed = False
         self._remote: set[str] | None = None  # checkpoint names in MLflow, once listed
+        self.rejected: list[str] = []  # downloaded by fetch_newest and found invalid
         self._thread = threading.Thread(target=self._run, name="so8t-mirror", daemon=True)
         self._thread.start()
 
@@ -111,16 +112,17 @@ class Mirror:
                     remote.discard(doomed)
             self.on_mirrored(name, step)  # only now is it in MLflow
 
-    def fetch_newest(self) -> Path | None:
-        """Download the newest checkpoint that verifies into ``root``; None if none does.
-        An upload cut short by a kill lacks files or its manifest and never verifies."""
+    def fetch_newest(self, above: int = -1) -> Path | None:
+        """Download the newest checkpoint past step ``above`` that verifies into ``root``;
+        None if none does. An upload cut short by a kill lacks files or its manifest and
+        never verifies (its name is kept in :attr:`rejected`)."""
         if self.store is None:
             return None
         remote = sorted(
             (
                 (p[1], fmt.KINDS.index(p[0]), n)
                 for n in self.store.list_checkpoints()
-                if (p := fmt.parse_name(n))
+                if (p := fmt.parse_name(n)) and p[1] > above
             ),
             reverse=True,
         )
@@ -132,6 +134,7 @@ class Mirror:
                 problem = fmt.verify(staged)
                 if problem:
                     log.warning("skipping MLflow checkpoint %s: %s", name, problem)
+                    self.rejected.append(name)
                     continue
                 target = self.root / name
                 shutil.rmtree(target, ignore_errors=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -23,8 +22,10 @@ from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.fsutil import link_or_copy
+from so8t_exp.host import host_id
 from so8t_exp.paths import default_tracking_uri
 from so8t_exp.tracking.describe import git_commit
+from so8t_exp.tracking.fencing import Lease
 from so8t_exp.tracking.masking import mask_secrets
 from so8t_exp.tracking.metrics import START_RETRY_SECONDS, MetricBuffer, retry
 
@@ -78,6 +79,7 @@ class Tracker:
         self.run_id: str | None = None
         self._repos: dict[str, Any] = {}  # run id -> its artifact repository
         self.metrics: MetricBuffer | None = None
+        self.lease: Lease | None = None  # set once this process has claimed the run
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -114,8 +116,7 @@ class Tracker:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             logged = self.logged_steps()
-        send = lambda batch: self.client.log_batch(self.run_id, metrics=batch)  # noqa: E731
-        self.metrics = MetricBuffer(send, self.flush_interval, logged)
+        self.metrics = MetricBuffer(self._send_metrics, self.flush_interval, logged)
         return self.run_id
 
     def find_session_run(self, experiment: str, session_dir: Path) -> str | None:
@@ -151,7 +152,26 @@ class Tracker:
             for key in data.metrics
         }
 
+    def may_write(self) -> bool:
+        """Whether this process may write to its run now (see :mod:`.fencing`): always
+        before it has claimed the run, then only while its lease is confirmed."""
+        return self.lease is None or self.lease.writable()
+
+    def _write(self, what: str, fn: Callable, *args, **kwargs) -> bool:
+        """A write to the run: fenced by the lease, then like :meth:`safely`."""
+        if not self.may_write():
+            log.debug("MLflow: not writing (%s): lease not confirmed or fenced", what)
+            return False
+        return self.safely(what, fn, *args, **kwargs)
+
+    def _send_metrics(self, batch: list) -> None:
+        if not self.may_write():  # (the buffer keeps the points until the lease is back)
+            raise RuntimeError("lease not confirmed (tracking server unreachable?) or fenced")
+        self.client.log_batch(self.run_id, metrics=batch)
+
     def log_params(self, params: Mapping[str, Any]) -> None:
+        if not self.may_write():
+            return
         masked = mask_secrets(params)
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, v) for k, v in masked.items() if k not in existing]
@@ -160,12 +180,12 @@ class Tracker:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        self.safely("set tags", self.client.log_batch, self.run_id, tags=items)
+        self._write("set tags", self.client.log_batch, self.run_id, tags=items)
 
     def standard_tags(self, session_dir: Path) -> dict[str, Any]:
         return {
             "mlflow.source.git.commit": git_commit(),
-            "so8t.host": socket.gethostname(),
+            "so8t.host": host_id(),
             "so8t.pid": os.getpid(),
             "so8t.session_dir": str(session_dir.resolve()),
         }
@@ -178,7 +198,7 @@ class Tracker:
                 HEARTBEAT_TAG: f"{now:.3f}",  # raw epoch: what launchers compare
                 HEARTBEAT_TAG + "_iso": iso(now),
                 "so8t.step": step,
-                "so8t.host": socket.gethostname(),
+                "so8t.host": host_id(),
                 "so8t.pid": os.getpid(),
             }
         )
@@ -207,7 +227,7 @@ class Tracker:
             self.metrics.add_unsent(rows)
 
     def log_artifacts(self, local_dir: Path, artifact_path: str | None = None) -> bool:
-        return self.safely(
+        return self._write(
             f"upload {local_dir}",
             lambda: self._artifact_repo().log_artifacts(str(local_dir), artifact_path),
         )
@@ -218,7 +238,7 @@ class Tracker:
         manifest (or mismatching files) and never verifies."""
         dest = f"{CHECKPOINT_ARTIFACTS}/{folder.name}"
         files = sorted(folder.iterdir(), key=lambda p: p.name == "manifest.json")
-        return all(self.safely(f"upload {p.name}", self._upload, p, dest) for p in files)
+        return all(self._write(f"upload {p.name}", self._upload, p, dest) for p in files)
 
     def _upload(self, path: Path, dest: str) -> None:
         repo = self._artifact_repo()
@@ -242,7 +262,7 @@ class Tracker:
         return repo
 
     def delete_checkpoint(self, name: str) -> bool:
-        return self.safely(
+        return self._write(
             f"delete checkpoint {name}",
             lambda: self._artifact_repo().delete_artifacts(f"{CHECKPOINT_ARTIFACTS}/{name}"),
         )
@@ -281,8 +301,8 @@ class Tracker:
                 log.error("%d metric points could not be sent", self.metrics.dropped_on_close)
         assert status in ("FINISHED", "FAILED", "KILLED")
         deadline = time.monotonic() + retry_seconds
-        while not self.safely("end run", self.client.set_terminated, self.run_id, status):
-            if time.monotonic() > deadline:
+        while not self._write("end run", self.client.set_terminated, self.run_id, status):
+            if time.monotonic() > deadline or (self.lease and self.lease.fenced):
                 log.error("run %s could not be marked %s", self.run_id, status)
                 return False
             time.sleep(2.0)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from so8t_exp.tracking.claims import Claim, claim_run
 from so8t_exp.tracking.core import HEARTBEAT_TAG, iso, resolve_tracking_uri
 from so8t_exp.tracking.sweep import is_parent
 
@@ -112,33 +112,22 @@ class RunRegistry:
         for key, value in tags.items():
             self.client.set_tag(run_id, key, str(value))
 
-    def claim(self, run_id: str, number: int, claimant: str) -> bool:
-        """Atomically claim resume number ``number`` of a run.
-
-        MLflow params are write-once: the first launcher to log ``so8t.resume.claim.<n>``
-        wins, every other one gets an error. That works across hosts, where no file lock
-        is shared. (A param, not a tag, though it is bookkeeping: tags can be overwritten, so
-        two launchers could both "win"; a write-once param is the only compare-and-set an
-        MLflow store offers.)
-        """
-        try:
-            self.client.log_param(run_id, f"so8t.resume.claim.{number}", claimant)
-        except MlflowException as err:
-            log.info("claim %d of run %s lost: %s", number, run_id, err.message[:120])
-            return False
-        now = time.time()
-        self.set_tags(
-            run_id,
-            {
-                RESUME_COUNT: number,
-                CLAIM_TIME: f"{now:.3f}",  # raw epoch: what launchers compare
-                CLAIM_TIME + "_iso": iso(now),
-                CLAIM_BY: claimant,
-            },
-        )
-        return (
-            self.client.get_run(run_id).data.params.get(f"so8t.resume.claim.{number}") == claimant
-        )
+    def claim(self, run_id: str, claimant: str, after: int) -> Claim | None:
+        """Claim the run for ``claimant`` as claim ``after + 1`` (see :mod:`.claims`): the
+        claim if won, None if another claimant was first. Also tagged, for people."""
+        claim = claim_run(self.client, run_id, claimant, after)
+        if claim is not None:
+            now = time.time()
+            self.set_tags(
+                run_id,
+                {
+                    RESUME_COUNT: claim.number - 1,  # claim 1 is the run's first trainer
+                    CLAIM_TIME: f"{now:.3f}",
+                    CLAIM_TIME + "_iso": iso(now),
+                    CLAIM_BY: claimant,
+                },
+            )
+        return claim
 
     def recorded_overrides(self, run: RunRecord) -> list[str]:
         """The Hydra task overrides the run was last started with: from its session file
