@@ -2,8 +2,9 @@
 
 The operating system releases it however the process ends (SIGKILL, power loss, crash), so
 "can I take the lock?" is the truth about whether a session is alive on this host, whatever
-its heartbeat says. ``fcntl.flock`` on POSIX, ``msvcrt.locking`` on Windows. Who holds it is
-written beside it in ``.so8t.lock.json`` (a locked byte range cannot be read on Windows).
+its heartbeat says. The lock itself is ``filelock`` (``flock`` on POSIX, ``msvcrt.locking``
+on Windows) on ``.so8t.lock``; who holds it is written beside it in ``.so8t.lock.json`` (a
+locked byte range cannot be read on Windows).
 """
 
 from __future__ import annotations
@@ -14,10 +15,26 @@ import socket
 import time
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from so8t_exp.fsutil import atomic_write_json
 
 LOCK_FILE = ".so8t.lock"
 HOLDER_FILE = ".so8t.lock.json"
+_POLL_SECONDS = 0.2
+
+
+def os_lock(path: Path) -> FileLock:
+    """The OS lock on ``path`` that a :class:`SessionLock` is made of.
+
+    ``preserve_lock_file``: the file is never deleted. Were it deleted on release, a process
+    that had opened the old file could lock that unlinked inode while another creates and
+    locks a new file of the same name: two holders of "the" lock. It also rules out
+    filelock's soft (PID file) fallback on file systems without ``flock``, a lock that a
+    SIGKILL would not release. ``thread_local=False``: the lock is the process's, whichever
+    thread releases it.
+    """
+    return FileLock(path, thread_local=False, preserve_lock_file=True, fallback_to_soft=False)
 
 
 class SessionLocked(RuntimeError):
@@ -25,28 +42,27 @@ class SessionLocked(RuntimeError):
 
 
 class SessionLock:
+    """The lock on one session folder; one object per acquisition (taking it twice, even
+    through the same object, fails like any other holder would)."""
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._fh = None
+        self._lock: FileLock | None = None
 
     def acquire(self, purpose: str = "train", wait: float = 0.0) -> SessionLock:
         """Take the lock, retrying for up to ``wait`` seconds; :class:`SessionLocked` names
         the holder."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        fh = open(self.folder / LOCK_FILE, "a+b")  # noqa: SIM115 (held for the process's life)
-        deadline = time.monotonic() + wait
-        while True:
-            try:
-                _lock(fh)
-                break
-            except OSError:
-                if time.monotonic() >= deadline:
-                    fh.close()
-                    raise SessionLocked(
-                        f"session folder {self.folder} is in use by {describe_holder(self.folder)}"
-                    ) from None
-                time.sleep(0.2)
-        self._fh = fh
+        # A new FileLock each time: the same object would re-enter (filelock counts nested
+        # acquisitions), and a second acquire must fail instead.
+        lock = os_lock(self.folder / LOCK_FILE)
+        try:
+            lock.acquire(timeout=max(wait, 0.0), poll_interval=_POLL_SECONDS)
+        except Timeout:
+            raise SessionLocked(
+                f"session folder {self.folder} is in use by {describe_holder(self.folder)}"
+            ) from None
+        self._lock = lock
         atomic_write_json(
             self.folder / HOLDER_FILE,
             {
@@ -59,14 +75,15 @@ class SessionLock:
         return self
 
     def release(self) -> None:
-        if self._fh is not None:
-            _unlock(self._fh)
-            self._fh.close()
-            self._fh = None
+        """Give the lock up (the holder file stays: it only ever describes the last holder)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @property
     def held(self) -> bool:
-        return self._fh is not None
+        """Whether this object holds the lock."""
+        return self._lock is not None
 
     def __enter__(self) -> SessionLock:
         return self.acquire()
@@ -80,12 +97,12 @@ def is_locked(folder: Path) -> bool:
     path = folder / LOCK_FILE
     if not path.exists():
         return False
-    with open(path, "a+b") as fh:
-        try:
-            _lock(fh)
-        except OSError:
-            return True
-        _unlock(fh)
+    probe = os_lock(path)
+    try:
+        probe.acquire(timeout=0)
+    except Timeout:
+        return True
+    probe.release()  # the file stays (see os_lock): a holder arriving now is unaffected
     return False
 
 
@@ -95,24 +112,3 @@ def describe_holder(folder: Path) -> str:
         return f"PID {h['pid']} on {h['host']} ({h['purpose']}, since {h['since']})"
     except (OSError, ValueError, KeyError):
         return "another process"
-
-
-if os.name == "nt":
-    import msvcrt
-
-    def _lock(fh) -> None:
-        fh.seek(0)
-        msvcrt.locking(fh.fileno(), msvcrt.LK_NBLCK, 1)
-
-    def _unlock(fh) -> None:
-        fh.seek(0)
-        msvcrt.locking(fh.fileno(), msvcrt.LK_UNLCK, 1)
-
-else:
-    import fcntl
-
-    def _lock(fh) -> None:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-
-    def _unlock(fh) -> None:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,12 +45,18 @@ class SessionInfo:
 
 
 class Session:
-    """Reads and writes ``<folder>/session_info.json``."""
+    """Reads and writes ``<folder>/session_info.json``.
+
+    Thread-safe: the checkpoint writer thread and the main thread both call :meth:`save`.
+    """
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.path = folder / SESSION_FILE
         self.info: SessionInfo | None = None
+        # Held across change *and* write, so the file always ends with the newest info: with
+        # only the change locked, an older snapshot's rename could land after a newer one's.
+        self._lock = threading.RLock()
 
     def load(self) -> SessionInfo | None:
         """The recorded session, or None if there is none (or it is unreadable)."""
@@ -58,16 +65,21 @@ class Session:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             known = SessionInfo.__dataclass_fields__
-            self.info = SessionInfo(**{k: v for k, v in data.items() if k in known})
+            info = SessionInfo(**{k: v for k, v in data.items() if k in known})
         except (ValueError, TypeError) as err:
             log.warning("ignoring unreadable %s: %s", self.path, err)
             return None
-        return self.info
+        with self._lock:
+            self.info = info
+        return info
 
     def save(self, **changes) -> None:
-        assert self.info is not None
-        for key, value in changes.items():
-            setattr(self.info, key, value)
-        assert self.info.status in STATUSES, self.info.status
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.path, asdict(self.info))
+        """Apply ``changes`` to the info and rewrite the file atomically. On a failed write
+        the changes stay applied in memory, and the next save writes them."""
+        with self._lock:
+            assert self.info is not None
+            for key, value in changes.items():
+                setattr(self.info, key, value)
+            assert self.info.status in STATUSES, self.info.status
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path, asdict(self.info))

@@ -17,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.entities import Param, RunTag
-from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.fsutil import link_or_copy
 from so8t_exp.host import host_id
 from so8t_exp.paths import default_tracking_uri
+from so8t_exp.tracking import mlflow_internals
 from so8t_exp.tracking.describe import git_commit
 from so8t_exp.tracking.fencing import Lease
 from so8t_exp.tracking.masking import mask_secrets
@@ -142,15 +141,9 @@ class Tracker:
         return "FINISHED" if runs[0].info.status == "FINISHED" else runs[0].info.run_id
 
     def logged_steps(self) -> dict[str, int]:
-        """The highest step already logged for each metric key of this run."""
-        data = self.client.get_run(self.run_id).data
-        metric_objs = getattr(data, "_metric_objs", None)
-        if metric_objs is not None:
-            return {m.key: m.step for m in metric_objs}
-        return {
-            key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
-            for key in data.metrics
-        }
+        """The highest step already logged for each metric key of this run (one ``get_run``:
+        a history read per key would cost minutes on a long run)."""
+        return mlflow_internals.latest_steps(self.client, self.run_id)
 
     def may_write(self) -> bool:
         """Whether this process may write to its run now (see :mod:`.fencing`): always
@@ -242,11 +235,12 @@ class Tracker:
 
     def _upload(self, path: Path, dest: str) -> None:
         repo = self._artifact_repo()
-        if isinstance(repo, LocalArtifactRepository):
+        folder = mlflow_internals.local_artifact_dir(repo.artifact_uri)
+        if folder is not None:
             # Same machine: a hard link costs no disk and no copy, and skips the path checks
             # MLflow makes per file — Python work that would hold the GIL the training
             # thread needs (checkpoint files are never changed in place, so sharing is safe).
-            link_or_copy(path, Path(repo.artifact_dir) / dest / path.name)
+            link_or_copy(path, folder / dest / path.name)
         else:
             repo.log_artifact(str(path), dest)
 
@@ -257,7 +251,7 @@ class Tracker:
         repo = self._repos.get(self.run_id)
         if repo is None:
             uri = self.client.get_run(self.run_id).info.artifact_uri
-            repo = get_artifact_repository(uri, tracking_uri=self.client.tracking_uri)
+            repo = mlflow_internals.artifact_repository(uri, self.client.tracking_uri)
             self._repos[self.run_id] = repo
         return repo
 
