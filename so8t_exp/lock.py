@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
 from so8t_exp.fsutil import atomic_write_json
+from so8t_exp.host import host_id
 
 LOCK_FILE = ".so8t.lock"
 HOLDER_FILE = ".so8t.lock.json"
@@ -67,7 +67,7 @@ class SessionLock:
             self.folder / HOLDER_FILE,
             {
                 "pid": os.getpid(),
-                "host": socket.gethostname(),
+                "host": host_id(),
                 "purpose": purpose,
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },

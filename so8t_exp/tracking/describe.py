@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import getpass
 import shlex
-import socket
 import subprocess
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from so8t_exp.host import host_id
 from so8t_exp.paths import PACKAGE_DIR
 from so8t_exp.tracking.masking import mask_override
 
@@ -114,7 +114,7 @@ def now_iso() -> str:
 
 def history_line(what: str) -> str:
     """``- <UTC time> <what> on <host>``: one line of a description's history."""
-    return f"- {now_iso()} {what} on {socket.gethostname()}"
+    return f"- {now_iso()} {what} on {host_id()}"
 
 
 def note(command: str, facts: dict[str, str], first: str) -> str:
