@@ -58,6 +58,15 @@ line of counts:
    launchers with ``resume.max_attempts=K`` are started until the run is tagged given up.
    ``given_up_after_attempts`` resumes made before ``so8t.given_up`` (should equal K).
 
+7. half_claim: a launcher dies (``SO8T_FAULT_DIE_AFTER_CLAIM``) right after writing its claim
+   param, before its tags; later launchers must still resume the run, once.
+   ``half_claims`` 1 if the launcher died with its claim written; ``finished_after_half_claim``
+   1 if exactly one later launcher resumed it and the run FINISHED with every step once.
+8. stall: host A trains against a real ``mlflow server`` that is frozen (SIGSTOP) for twice
+   ``resume.stale_after_seconds`` while launchers of host B (``SO8T_HOST_ID``) watch it, before,
+   during and after the stall. ``stall_runs`` runs; ``finished_once_by_one_trainer`` 1 if the
+   run FINISHED with every step once and exactly one trainer (A, or B's after fencing A) ended it.
+
 ``problems`` counts the PROBLEM blocks printed above the JSON line; ``seconds`` is wall time.
 """
 
@@ -95,7 +104,16 @@ EVERY = 4  # checkpoint.every_n_steps
 EVAL = 12  # trainer.eval_every_n_steps
 OUTAGE_STEPS = 60  # a longer run for scenario 4, so the server goes down mid-training
 CORRUPTIONS = ("truncate", "flip", "delete_manifest", "delete_tensor", "garbage_manifest")
-SCENARIOS = ("kills", "corruption", "concurrent", "outage", "disk_full", "crash_loop")
+SCENARIOS = (
+    "kills",
+    "corruption",
+    "concurrent",
+    "outage",
+    "disk_full",
+    "crash_loop",
+    "half_claim",
+    "stall",
+)
 _TMP_WRITE = re.compile(r"^\.tmp-(rolling|emergency|final)-step\d+-\d+$")
 _INTERESTING = re.compile(
     r"WARNING|ERROR|Error|Traceback|skipping|continuing from|nothing to resume|being resumed|"
@@ -110,6 +128,8 @@ KEYS = {
     "outage": "outage_runs training_survived metric_points_lost",
     "disk_full": "disk_full_runs earlier_checkpoints_intact resumable_afterwards",
     "crash_loop": "given_up_after_attempts",
+    "half_claim": "half_claims finished_after_half_claim",
+    "stall": "stall_runs finished_once_by_one_trainer",
 }
 
 
@@ -1096,6 +1116,98 @@ def scenario_crash_loop(suite: Suite) -> dict:
     return {"given_up_after_attempts": resumes}
 
 
+# -- 7. a launcher dies between its claim and the rest ---------------------------------------
+def scenario_half_claim(suite: Suite) -> dict:
+    """A launcher killed right after its claim (before its tags): the next one still resumes."""
+    home = suite.folder("half_claim")
+    store, run_dir = sqlite_uri(home / "mlflow.db"), home / "run"
+    out = dict(half_claims=0, finished_after_half_claim=0)
+    proc = suite.start_train(home, store, run_dir, *suite.overrides())
+    wait_for(lambda: current_step(run_dir) >= 2 * EVERY, 300, "step 8", proc)
+    kill_group(proc.pid)
+    proc.wait(30)
+    client, run = suite.only_run(store)
+    run_id = run.info.run_id
+    dying = suite.start_resume(home, store, env=suite.env(home, SO8T_FAULT_DIE_AFTER_CLAIM="1"))
+    rc = wait_exit(dying, 300, "launcher dying after its claim")
+    half = claims(client, run_id)
+    out["half_claims"] = int(rc != 0 and len(half) == 2)
+    suite.say(f"launcher died after its claim: exit {rc}, claims {sorted(half)}")
+    launched = 0
+    for _ in range(3):
+        proc = suite.start_resume(home, store)
+        wait_exit(proc, 600, "launcher")
+        launched += "launching:" in log_text(proc)
+        if client.get_run(run_id).info.status == "FINISHED":
+            break
+    _client, run = suite.only_run(store)
+    dup, missing, _ = metric_check(suite, client, run_id, suite.steps)
+    ok = run.info.status == "FINISHED" and launched == 1 and not dup and not missing
+    out["finished_after_half_claim"] = int(ok)
+    suite.say(
+        f"then {launched} launcher(s) launched; run {run.info.status}, claims "
+        f"{sorted(claims(client, run_id))}; train/loss {dup} dup, {len(missing)} missing"
+    )
+    if not ok:
+        suite.problem(
+            f"after a half-made claim: run {run.info.status}, {launched} launches, {dup} dup, "
+            f"missing {missing}",
+            logs=[dying.log, proc.log],
+        )
+    return out
+
+
+# -- 8. the tracking server stalls past resume.stale_after_seconds -------------------------
+def scenario_stall(suite: Suite) -> dict:
+    """The server freezes (SIGSTOP) longer than stale_after_seconds while host A trains and
+    host B's launchers watch: the run must end finished once, by one trainer."""
+    home = suite.folder("stall")
+    server = Server(suite, home)
+    suite.say(f"server up in {server.start():.1f}s at {server.uri}")
+    stale, steps = 8.0, OUTAGE_STEPS
+    # One MLflow call may take at most ~3 s here; the lease is 3 heartbeats (1.5 s).
+    bounded = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    env_a = suite.env(home, SO8T_HOST_ID="host-a", SO8T_FAULT_STEP_SECONDS="0.3", **bounded)
+    ov = (*suite.overrides(steps, keep=5), "session.heartbeat_seconds=0.5")
+    trainer = suite.start_train(home, server.uri, home / "run", *ov, env=env_a)
+    wait_for(lambda: current_step(home / "run") >= 2 * EVERY, 300, "step 8", trainer)
+    home_b = suite.folder("stall_host_b")
+    env_b = suite.env(home_b, SO8T_HOST_ID="host-b", **bounded)
+    watch = f"resume.stale_after_seconds={stale}"
+    launchers = [suite.start_resume(home_b, server.uri, watch, env=env_b)]
+    time.sleep(1.0)
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    stalled = 2 * stale
+    suite.say(f"server stopped (SIGSTOP) for {stalled:.0f}s; resume.stale_after_seconds={stale}")
+    time.sleep(stalled / 2)
+    launchers.append(suite.start_resume(home_b, server.uri, watch, env=env_b))
+    time.sleep(stalled / 2)
+    os.killpg(server.proc.pid, signal.SIGCONT)
+    launchers.append(suite.start_resume(home_b, server.uri, watch, env=env_b))
+    rc = wait_exit(trainer, 900, "host A's trainer")
+    codes = [wait_exit(p, 600, "host B's launcher") for p in launchers]
+    launched = sum("launching:" in log_text(p) for p in launchers)
+    client, run = suite.only_run(server.uri)
+    run_id = run.info.run_id
+    dup, missing, _ = metric_check(suite, client, run_id, steps, compare=False)
+    fenced = "fenced" in log_text(trainer)
+    trainers = (rc == 0) + launched
+    suite.say(
+        f"host A's trainer exit {rc}{' (fenced)' if fenced else ''}; host B's launchers exit "
+        f"{codes}, {launched} launched; run {run.info.status}; claims "
+        f"{sorted(claims(client, run_id))}; train/loss {dup} dup, {len(missing)} missing"
+    )
+    ok = run.info.status == "FINISHED" and trainers == 1 and not dup and not missing
+    if not ok:
+        suite.problem(
+            f"stall: run {run.info.status}, {trainers} trainers finished it, {dup} dup, "
+            f"missing {missing}",
+            logs=[trainer.log, *(p.log for p in launchers)],
+        )
+    server.stop(signal.SIGTERM)
+    return {"stall_runs": 1, "finished_once_by_one_trainer": int(ok)}
+
+
 # -- main ------------------------------------------------------------------------------------
 RUNNERS = {
     "kills": scenario_kills,
@@ -1104,6 +1216,8 @@ RUNNERS = {
     "outage": scenario_outage,
     "disk_full": scenario_disk_full,
     "crash_loop": scenario_crash_loop,
+    "half_claim": scenario_half_claim,
+    "stall": scenario_stall,
 }
 
 

@@ -60,7 +60,9 @@ class Launcher:
         self.registry = RunRegistry(tracking_uri)
         self.experiments = experiments
         self.claimant = new_claimant()
-        self.watch = HeartbeatWatch(project_root() / "logs" / "resume" / "heartbeats.json")
+        self.watch = HeartbeatWatch(
+            project_root() / "logs" / "resume" / "heartbeats.json", cfg.stale_after_seconds / 2
+        )
 
     def decisions(self) -> list[Decision]:
         """The verdict on every candidate run; runs owned by another host are watched
@@ -89,13 +91,16 @@ class Launcher:
         poll, deadline = min(5.0, max(0.2, stale / 10)), time.monotonic() + stale + 5
         while any(d.action == "watch" for d in decisions) and time.monotonic() < deadline:
             time.sleep(poll)
-            decisions = [
-                judge(self.registry.get(d.run.run_id), self.cfg, watch=self.watch.unchanged_for)
-                if d.action == "watch"
-                else d
-                for d in decisions
-            ]
+            decisions = [self._rewatch(d) if d.action == "watch" else d for d in decisions]
         return decisions
+
+    def _rewatch(self, decision: Decision) -> Decision:
+        try:
+            run = self.registry.get(decision.run.run_id)
+        except Exception as err:  # unreachable: no observation (the watch restarts after)
+            log.warning("watching run %s: %s", decision.run.run_id, str(err)[:200])
+            return decision
+        return judge(run, self.cfg, watch=self.watch.unchanged_for)
 
     def record(self, decision: Decision) -> None:
         """Persist a give-up or expiry as tags (and tell the user about a give-up)."""

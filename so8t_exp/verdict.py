@@ -85,10 +85,14 @@ def claimant_alive(claim: Claim) -> bool:
 
 class HeartbeatWatch:
     """How long this host has seen each run's heartbeat (and newest claim) unchanged, on
-    this host's clock, kept in a small file so that the next launcher goes on counting."""
+    this host's clock, kept in a small file so that the next launcher goes on counting.
 
-    def __init__(self, path: Path | None) -> None:
-        self.path = path
+    Only an unbroken watch counts: reads more than ``max_gap`` seconds apart (this host
+    could not reach the server, or no launcher ran) start the count again — the trainer
+    may have been unable to beat for the same reason."""
+
+    def __init__(self, path: Path | None, max_gap: float) -> None:
+        self.path, self.max_gap = path, max_gap
         self.seen: dict[str, list] = {}
         if path is not None and path.is_file():
             try:
@@ -101,9 +105,10 @@ class HeartbeatWatch:
         claim = newest_claim(run.params)
         token = f"{run.tags.get(HEARTBEAT_TAG)}|{claim and claim.value}|{run.status}"
         seen = self.seen.get(run.run_id)
-        if seen and seen[0] == token and seen[1] <= now:
+        if seen and len(seen) == 3 and seen[0] == token and 0 <= now - seen[2] <= self.max_gap:
+            seen[2] = now
             return now - seen[1]
-        self.seen[run.run_id] = [token, now]
+        self.seen[run.run_id] = [token, now, now]  # token, unchanged since, last read
         return 0.0
 
     def save(self) -> None:

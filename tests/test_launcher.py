@@ -266,19 +266,24 @@ def test_another_hosts_run_is_judged_on_this_hosts_clock(tmp_path: Path, store: 
         client, tmp_path, "skewed", "RUNNING", folder=False, host="far", heartbeat_age=86400
     )
     cfg = ResumeConfig(stale_after_seconds=60)
-    watch = HeartbeatWatch(tmp_path / "seen.json")
+    watch = HeartbeatWatch(tmp_path / "seen.json", max_gap=30)
     t0 = time.time()
     run = RunRegistry(store).get(run_id)
     first = judge(run, cfg, now=t0, watch=lambda r: watch.unchanged_for(r, t0))
     assert first.action == "watch" and "far" in first.reason and first.state == "unknown"
     watch.save()
     client.set_tag(run_id, "so8t.heartbeat", f"{t0 - 86400 + 30:.3f}")  # a beat, skewed
-    later = HeartbeatWatch(tmp_path / "seen.json")  # the next launcher goes on counting
+    later = HeartbeatWatch(tmp_path / "seen.json", max_gap=30)  # the next launcher goes on
     run = RunRegistry(store).get(run_id)
-    again = judge(run, cfg, now=t0 + 50, watch=lambda r: later.unchanged_for(r, t0 + 50))
-    assert again.action == "watch"  # it changed: counting starts over
-    quiet = judge(run, cfg, now=t0 + 120, watch=lambda r: later.unchanged_for(r, t0 + 120))
+
+    def at(t: float):
+        return judge(run, cfg, now=t0 + t, watch=lambda r: later.unchanged_for(r, t0 + t))
+
+    assert at(20).action == "watch"  # it changed: counting starts over
+    assert [at(t).action for t in (45, 70)] == ["watch", "watch"]
+    quiet = at(85)  # unchanged for 65 s of unbroken watching
     assert quiet.action == "resume" and "last on far" in quiet.reason
+    assert at(200).action == "watch"  # a gap in the watch: it may have been cut off too
 
 
 def test_session_lock_is_exclusive_and_names_the_holder(tmp_path: Path, holder):
