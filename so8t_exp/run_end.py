@@ -1,0 +1,98 @@
+"""The ways a training run ends, as methods of :class:`so8t_exp.run.TrainingRun`: complete
+(final checkpoint, export, FINISHED), stopped (emergency checkpoint, KILLED or FAILED) or
+fenced (another process owns the run now: nothing more is written)."""
+
+from __future__ import annotations
+
+import logging
+
+from so8t_exp.evaluations import Evaluations
+from so8t_exp.export import export_final
+from so8t_exp.export.pipeline import log_run_models
+from so8t_exp.signals import StopRequest
+from so8t_exp.tracking.fencing import EXIT_FENCED, Fenced
+
+log = logging.getLogger("so8t_exp.run")
+
+
+class RunEnd:
+    """Mixin of :class:`~so8t_exp.run.TrainingRun` (uses its trainer, checkpointer, tracker,
+    page, session and notifiers)."""
+
+    def _complete(self) -> None:
+        tr = self.trainer
+        if not self.checkpointer.has_valid("final", tr.progress.step):  # (resumed from it)
+            self._save("final", wait=True)
+            if not self.checkpointer.has_valid("final", tr.progress.step):
+                raise RuntimeError("the final checkpoint could not be written (disk full?)")
+        if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
+            log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
+        folder = export_final(
+            self.session_dir / "final_model",
+            tr.params,
+            self.tokenizer,
+            self.cfg,
+            self.source.describe(),
+            tr.so8t_state(),
+        )
+        self.tracker.log_artifacts(folder, "final_model")
+        report = Evaluations.report(tr.progress, self.session_dir / "eval")
+        if report is not None:
+            self.tracker.log_artifacts(report, "eval")
+        # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
+        # (from the final checkpoint) instead of believing it done.
+        if self.page.finish("FINISHED", tr.progress.step):
+            self.session.save(status="completed", current_step=tr.progress.step)
+        elif self.tracker.lease.fenced:  # (taken over while closing: not ours to finish)
+            raise Fenced(self.tracker.lease.reason)
+        self.notify(
+            "finished",
+            f"run {self.tracker.run_id}: {tr.progress.step} steps, "
+            f"best {self.cfg.checkpoint.best_metric} {tr.progress.best_value}",
+        )
+        # Last, once the run is complete: rebuilding the model in float32 needs memory, and
+        # running out of it here must not leave a finished run unfinished (a crash loop).
+        log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)
+
+    def _fenced(self, stop: StopRequest, err: Fenced) -> int:
+        """Another process owns the run now: no checkpoint, metric, tag or status from
+        here on (it continues from the newest checkpoint in MLflow); only say so."""
+        stop.shield()
+        log.error("%s", err)
+        if self.tracker.metrics is not None:
+            self.tracker.metrics.close(timeout=0)  # (points it holds are dropped)
+        self.notify("failed", f"run {self.tracker.run_id} on this host: {err}")
+        stop.done()
+        return EXIT_FENCED
+
+    def _stopped(
+        self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
+    ) -> int:
+        """Emergency checkpoint at the last step boundary (if one can be had), then close.
+        Further signals are only logged from here on: this is the way out."""
+        stop.shield()
+        tr = getattr(self, "trainer", None)
+        if (
+            tr is not None
+            and not tr.applying
+            and tr.progress.step > self.checkpointer.last_save_step
+            and not self.tracker.lease.fenced
+        ):
+            try:
+                self._save("emergency", wait=True)
+            except Exception as err:
+                log.error("emergency checkpoint failed: %s", err)
+        try:  # (a full disk must not keep MLflow from hearing how the run ended)
+            self.session.save(status=status)
+        except OSError as err:
+            log.error("could not update %s: %s", self.session.path, err)
+        stop.done()
+        # Short: Windows gives a closing console only seconds; the local copy is what counts.
+        self.checkpointer.drain_mirror(10.0)
+        self.page.finish(mlflow_status, tr.progress.step if tr else None)
+        self.notify(
+            "interrupted" if status == "interrupted" else "failed",
+            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}"
+            + (f": {reason}" if reason else ""),
+        )
+        return code
