@@ -247,6 +247,15 @@ class Suite:
             raise Stuck(f"expected one run in {uri}, found {len(runs)}")
         return client, runs[0]
 
+    def killed_run(self, home: Path, store: str, run_dir: Path) -> tuple[MlflowClient, str]:
+        """A run SIGKILLed once it has checkpointed step 8: its store's client and run id."""
+        proc = self.start_train(home, store, run_dir, *self.overrides())
+        wait_for(lambda: current_step(run_dir) >= 2 * EVERY, 300, "step 8", proc)
+        kill_group(proc.pid)
+        proc.wait(30)
+        client, run = self.only_run(store)
+        return client, run.info.run_id
+
     def folder(self, name: str) -> Path:
         path = self.work / name
         path.mkdir(parents=True, exist_ok=True)
@@ -757,12 +766,7 @@ def scenario_concurrent(suite: Suite) -> dict:
     store, run_dir = sqlite_uri(home / "mlflow.db"), home / "run"
     trials, n = (2, 3) if suite.args.quick else (4, 3)
     out = dict(concurrent_trials=0, resumed_exactly_once=0)
-    proc = suite.start_train(home, store, run_dir, *suite.overrides())
-    wait_for(lambda: current_step(run_dir) >= 2 * EVERY, 300, "step 8", proc)
-    kill_group(proc.pid)
-    proc.wait(30)
-    client, run = suite.only_run(store)
-    run_id = run.info.run_id
+    client, run_id = suite.killed_run(home, store, run_dir)
     for t in range(trials):
         last = t == trials - 1
         before_claims, before_step = claims(client, run_id), current_step(run_dir)
@@ -1122,12 +1126,7 @@ def scenario_half_claim(suite: Suite) -> dict:
     home = suite.folder("half_claim")
     store, run_dir = sqlite_uri(home / "mlflow.db"), home / "run"
     out = dict(half_claims=0, finished_after_half_claim=0)
-    proc = suite.start_train(home, store, run_dir, *suite.overrides())
-    wait_for(lambda: current_step(run_dir) >= 2 * EVERY, 300, "step 8", proc)
-    kill_group(proc.pid)
-    proc.wait(30)
-    client, run = suite.only_run(store)
-    run_id = run.info.run_id
+    client, run_id = suite.killed_run(home, store, run_dir)
     dying = suite.start_resume(home, store, env=suite.env(home, SO8T_FAULT_DIE_AFTER_CLAIM="1"))
     rc = wait_exit(dying, 300, "launcher dying after its claim")
     half = claims(client, run_id)
@@ -1190,7 +1189,7 @@ def scenario_stall(suite: Suite) -> dict:
     client, run = suite.only_run(server.uri)
     run_id = run.info.run_id
     dup, missing, _ = metric_check(suite, client, run_id, steps, compare=False)
-    fenced = "fenced" in log_text(trainer)
+    fenced = "fenced: run" in log_text(trainer)
     trainers = (rc == 0) + launched
     suite.say(
         f"host A's trainer exit {rc}{' (fenced)' if fenced else ''}; host B's launchers exit "

@@ -159,7 +159,8 @@ class Tracker:
 
     def _send_metrics(self, batch: list) -> None:
         if not self.may_write():  # (the buffer keeps the points until the lease is back)
-            raise RuntimeError("lease not confirmed (tracking server unreachable?) or fenced")
+            why = "another process owns the run" if self.lease.fenced else "lease not confirmed"
+            raise RuntimeError(f"{why} (tracking server unreachable?)")
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
