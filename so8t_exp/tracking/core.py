@@ -159,8 +159,12 @@ class Tracker:
 
     def _send_metrics(self, batch: list) -> None:
         if not self.may_write():  # (the buffer keeps the points until the lease is back)
-            why = "another process owns the run" if self.lease.fenced else "lease not confirmed"
-            raise RuntimeError(f"{why} (tracking server unreachable?)")
+            fenced = self.lease.fenced
+            raise RuntimeError(
+                "another process owns the run now"
+                if fenced
+                else "lease not confirmed (tracking server unreachable?)"
+            )
         self.client.log_batch(self.run_id, metrics=batch)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
