@@ -133,7 +133,7 @@ def test_epoch_tags_have_iso_twins(tmp_path: Path, store: str):
     tracker.heartbeat(4)
     tracker.checkpoint_mirrored("rolling-step00000004", 4)
     registry = RunRegistry(store)
-    assert registry.claim(tracker.run_id, 1, "me")
+    assert registry.claim(tracker.run_id, "h:1:me", 0)
     tags = MlflowClient(store).get_run(tracker.run_id).data.tags
     for key in ("so8t.heartbeat", "so8t.checkpoint.latest_time", "so8t.resume.claim_time"):
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(float(tags[key])))
