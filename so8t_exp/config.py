@@ -19,10 +19,14 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from so8t_exp import paths  # noqa: F401  (registers the ${so8t_*:} resolvers)
+from so8t_exp.config_checks import (
+    ConfigError,
+    check_above_zero,
+    check_not_negative,
+    check_schema_keys,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before any model is loaded."""
+__all__ = ["ConfigError", "check_data_file", "check_target", "is_eval_metric", "validate"]
 
 
 @dataclass
@@ -135,6 +139,8 @@ class TrackingConfig:
     run_name: str | None = None
     flush_interval_seconds: float = 2.0
     system_stats_interval_seconds: float = 10.0
+    # An unreachable store is retried this long at start (a server still booting); 0: once.
+    startup_timeout_seconds: float = 120.0
     tags: dict[str, str] = field(default_factory=dict)
     # At the end of a run, export these checkpoints (final, best) as the run's MLflow model.
     log_models: list[str] = field(default_factory=lambda: ["final"])
@@ -228,11 +234,50 @@ _CHOICES = {
 }
 
 
+# 0 means "off" (checkpoints by time or steps) or "at once" (waits, timeouts).
+_NOT_NEGATIVE = [
+    "checkpoint.interval_seconds",
+    "checkpoint.every_n_steps",
+    "checkpoint.mirror_timeout_seconds",
+    "session.lock_wait_seconds",
+    "tracking.startup_timeout_seconds",
+]
+# Periods of background threads: 0 would make them spin.
+_ABOVE_ZERO = [
+    "tracking.flush_interval_seconds",
+    "tracking.system_stats_interval_seconds",
+    "progress.interval_seconds",
+    "session.heartbeat_seconds",
+]
+
+
+def validate_resume(cfg: DictConfig) -> None:
+    """:func:`validate` for ``resume.yaml`` (the launcher and the sessions CLI)."""
+    check_schema_keys(cfg)
+    check_not_negative(cfg, ["tracking.startup_timeout_seconds", "resume.claim_grace_seconds"])
+    check_above_zero(cfg, ["resume.stale_after_seconds", "resume.max_age_hours"])
+    _check_positive(cfg, ["resume.max_attempts"])
+    for name, node in cfg.notify.notifiers.items():
+        check_target(node, f"notify.notifiers.{name}")
+
+
+def check_data_file(i: int, name: str) -> None:
+    """``data.files[i]`` names a readable file (a folder is told as a folder)."""
+    path = Path(name)
+    if path.is_dir():
+        raise ConfigError(f"data.files[{i}]: {name} is a folder; name the JSONL files in it")
+    if not path.is_file():
+        raise ConfigError(f"data.files[{i}]: no such file: {name}")
+
+
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot: choices, ranges, files, ``_target_`` keys.
 
     Raises :class:`ConfigError` naming the key. Cheap: imports targets, loads nothing.
     """
+    check_schema_keys(cfg)
+    check_not_negative(cfg, _NOT_NEGATIVE)
+    check_above_zero(cfg, _ABOVE_ZERO)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -282,8 +327,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.data.files:
         raise ConfigError("data.files is empty: name at least one JSONL file")
     for i, name in enumerate(cfg.data.files):
-        if not Path(name).is_file():
-            raise ConfigError(f"data.files[{i}]: no such file: {name}")
+        check_data_file(i, name)
     check_target(cfg.model.source, "model.source")
     check_target(cfg.trainer.optimizer, "trainer.optimizer", skip=("params",))
     for name, node in cfg.notify.notifiers.items():
