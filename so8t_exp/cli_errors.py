@@ -44,12 +44,18 @@ def debug() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR", "") not in ("", "0")
 
 
-def fail(message: str, code: int) -> NoReturn:
-    """Print ``error: message`` (one line; with the traceback first in debug mode) and exit."""
+def report(message: str, code: int) -> int:
+    """Print ``error: message`` on one line (after the traceback of the exception being
+    handled, in debug mode); returns ``code``."""
     if debug() and sys.exc_info()[0] is not None:
         traceback.print_exc()
-    print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    return code
+
+
+def fail(message: str, code: int) -> NoReturn:
+    """:func:`report`, then exit with ``code``."""
+    sys.exit(report(message, code))
 
 
 def config_errors() -> tuple[type[BaseException], ...]:

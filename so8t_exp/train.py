@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import traceback
 from pathlib import Path
 
 import hydra
@@ -27,8 +26,8 @@ from so8t_exp.cli_errors import (
     EXIT_RUN_LOST,
     EXIT_TRACKING,
     config_error_line,
-    debug,
     hydra_config_errors,
+    report,
 )
 from so8t_exp.config import ConfigError
 from so8t_exp.data import DataError
@@ -54,29 +53,21 @@ def _app(cfg: DictConfig) -> int:
         code = run_training(cfg, session_dir, session_dir / hc.output_subdir)
     except (ConfigError, DataError) as err:
         # A bad config or data line: one clear line, no traceback, nothing started.
-        code = _error(err, EXIT_BAD_INPUT)
+        code = report(err, EXIT_BAD_INPUT)
     except OmegaConfBaseException as err:  # e.g. ${oc.env:X} with X unset, resolved late
-        code = _error(config_error_line(err), EXIT_BAD_INPUT)
+        code = report(config_error_line(err), EXIT_BAD_INPUT)
     except SessionLocked as err:
-        code = _error(err, EXIT_LOCKED)
+        code = report(err, EXIT_LOCKED)
     except TrackingUnavailable as err:
         uri = resolve_tracking_uri(cfg.tracking.uri)
-        code = _error(err if uri in str(err) else f"{err} (tracking.uri={uri})", EXIT_TRACKING)
+        code = report(err if uri in str(err) else f"{err} (tracking.uri={uri})", EXIT_TRACKING)
     except RunNotFound as err:
-        code = _error(_run_lost(err, session_dir), EXIT_RUN_LOST)
+        code = report(_run_lost(err, session_dir), EXIT_RUN_LOST)
     # Hydra drops the return value; a single run reports it as the exit code, while a
     # sweep goes on to its next job.
     # ... unless it was stopped by a signal: then the whole sweep stops.
     if code and (hc.mode == RunMode.RUN or code >= 128):
         sys.exit(code)
-    return code
-
-
-def _error(err: BaseException | str, code: int) -> int:
-    """One line on stderr (after the traceback with ``HYDRA_FULL_ERROR=1``); ``code``."""
-    if debug() and sys.exc_info()[0] is not None:
-        traceback.print_exc()
-    print(f"error: {err}", file=sys.stderr, flush=True)
     return code
 
 
