@@ -60,7 +60,7 @@ def run_resume(cfg: DictConfig) -> int:
         print(f"{d.run.run_id}  {d.run.name[:24]:24}  {d.run.status:8}  {d.action:8}  {d.reason}")
     if not decisions:
         names = ", ".join(experiments)
-        print(f"no unfinished runs in experiment(s) {names} of {uri}: nothing to resume")
+        print(f"no unfinished runs in experiment(s) {names} of {uri}")
     if rcfg.dry_run:
         print(f"dry run: {_verdict(decisions, rcfg)}")
         return EXIT_OK
@@ -71,7 +71,7 @@ def run_resume(cfg: DictConfig) -> int:
     if rcfg.run_id and not todo:
         print(f"run {rcfg.run_id} is not resumable: {decisions[0].reason}", file=sys.stderr)
         return EXIT_NOT_RESUMABLE
-    return _resume_some(launcher, todo, rcfg, quiet=not decisions)
+    return _resume_some(launcher, todo, rcfg)
 
 
 def read_decisions(
@@ -98,9 +98,7 @@ def _verdict(decisions: list[Decision], rcfg: ResumeConfig) -> str:
     return "nothing to resume"
 
 
-def _resume_some(
-    launcher: Launcher, todo: list[Decision], rcfg: ResumeConfig, quiet: bool = False
-) -> int:
+def _resume_some(launcher: Launcher, todo: list[Decision], rcfg: ResumeConfig) -> int:
     first_failure = None
     resumed = 0
     for d in todo:
@@ -113,8 +111,7 @@ def _resume_some(
         if not rcfg.all:
             break
     if resumed == 0:
-        if not quiet:  # (an empty store has said so already)
-            print("nothing to resume")
+        print("nothing to resume")
         if rcfg.start_new_if_none:
             return launcher.launch(None, [f"tracking.uri={launcher.registry.uri}"])
     return first_failure or EXIT_OK
