@@ -9,24 +9,34 @@ Nodes with ``_target_`` (model source, optimizer, notifiers) are the swappable p
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from so8t_exp import paths  # noqa: F401  (registers the ${so8t_*:} resolvers)
 from so8t_exp.config_checks import (
+    ABOVE_ZERO,
+    NOT_NEGATIVE,
     ConfigError,
     check_above_zero,
+    check_data_file,
     check_not_negative,
+    check_positive,
     check_schema_keys,
+    check_target,
+    validate_resume,
 )
 
-__all__ = ["ConfigError", "check_data_file", "check_target", "is_eval_metric", "validate"]
+__all__ = [
+    "ConfigError",
+    "check_data_file",
+    "check_target",
+    "is_eval_metric",
+    "validate",
+    "validate_resume",
+]
 
 
 @dataclass
@@ -234,50 +244,14 @@ _CHOICES = {
 }
 
 
-# 0 means "off" (checkpoints by time or steps) or "at once" (waits, timeouts).
-_NOT_NEGATIVE = [
-    "checkpoint.interval_seconds",
-    "checkpoint.every_n_steps",
-    "checkpoint.mirror_timeout_seconds",
-    "session.lock_wait_seconds",
-    "tracking.startup_timeout_seconds",
-]
-# Periods of background threads: 0 would make them spin.
-_ABOVE_ZERO = [
-    "tracking.flush_interval_seconds",
-    "tracking.system_stats_interval_seconds",
-    "progress.interval_seconds",
-    "session.heartbeat_seconds",
-]
-
-
-def validate_resume(cfg: DictConfig) -> None:
-    """:func:`validate` for ``resume.yaml`` (the launcher and the sessions CLI)."""
-    check_schema_keys(cfg)
-    check_not_negative(cfg, ["tracking.startup_timeout_seconds", "resume.claim_grace_seconds"])
-    check_above_zero(cfg, ["resume.stale_after_seconds", "resume.max_age_hours"])
-    _check_positive(cfg, ["resume.max_attempts"])
-    for name, node in cfg.notify.notifiers.items():
-        check_target(node, f"notify.notifiers.{name}")
-
-
-def check_data_file(i: int, name: str) -> None:
-    """``data.files[i]`` names a readable file (a folder is told as a folder)."""
-    path = Path(name)
-    if path.is_dir():
-        raise ConfigError(f"data.files[{i}]: {name} is a folder; name the JSONL files in it")
-    if not path.is_file():
-        raise ConfigError(f"data.files[{i}]: no such file: {name}")
-
-
 def validate(cfg: DictConfig) -> None:
     """Check what the schema's types cannot: choices, ranges, files, ``_target_`` keys.
 
     Raises :class:`ConfigError` naming the key. Cheap: imports targets, loads nothing.
     """
     check_schema_keys(cfg)
-    check_not_negative(cfg, _NOT_NEGATIVE)
-    check_above_zero(cfg, _ABOVE_ZERO)
+    check_not_negative(cfg, NOT_NEGATIVE)
+    check_above_zero(cfg, ABOVE_ZERO)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -285,7 +259,7 @@ def validate(cfg: DictConfig) -> None:
     device = cfg.trainer.device
     if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
         raise ConfigError(f"trainer.device={device!r}: must be auto, cpu, cuda or cuda:N")
-    _check_positive(
+    check_positive(
         cfg,
         [
             "trainer.max_steps",
@@ -349,30 +323,3 @@ PER_CLASS_RECALL = ("eval/recall_allow", "eval/recall_escalation", "eval/recall_
 def is_eval_metric(name: str) -> bool:
     """Whether evaluation logs ``name`` (``so8t_exp.evaluate``)."""
     return name in EVAL_METRICS or name in PER_CLASS_RECALL
-
-
-def _check_positive(cfg: DictConfig, keys: list[str]) -> None:
-    for key in keys:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
-
-
-def check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
-    """Check that ``node`` is a ``_target_`` node whose keys the target accepts."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"{key}: needs a _target_ naming a class or function")
-    try:
-        target = get_object(node._target_)
-    except Exception as err:
-        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {err}") from err
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for name in node:
-        if name.startswith("_") or name in skip:
-            continue
-        if name not in params:
-            accepted = sorted(p for p in params if p not in skip and p != "self")
-            raise ConfigError(
-                f"{key}.{name}: not accepted by {node._target_} (accepted keys: {accepted})"
-            )

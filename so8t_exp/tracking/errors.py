@@ -122,7 +122,9 @@ def check_store(uri: str) -> None:
 
 def _check_sqlite_file(db: Path, where: str) -> None:
     try:
-        with closing(sqlite3.connect(f"{db.as_uri()}?mode=rw", uri=True, timeout=5)) as con:
+        with closing(
+            sqlite3.connect(f"{db.resolve().as_uri()}?mode=rw", uri=True, timeout=5)
+        ) as con:
             con.execute("PRAGMA schema_version").fetchone()
     except sqlite3.OperationalError as err:
         if "locked" in str(err):
