@@ -9,20 +9,34 @@ Nodes with ``_target_`` (model source, optimizer, notifiers) are the swappable p
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from so8t_exp import paths  # noqa: F401  (registers the ${so8t_*:} resolvers)
+from so8t_exp.config_checks import (
+    ABOVE_ZERO,
+    NOT_NEGATIVE,
+    ConfigError,
+    check_above_zero,
+    check_data_file,
+    check_not_negative,
+    check_positive,
+    check_schema_keys,
+    check_target,
+    validate_resume,
+)
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before any model is loaded."""
+__all__ = [
+    "ConfigError",
+    "check_data_file",
+    "check_target",
+    "is_eval_metric",
+    "validate",
+    "validate_resume",
+]
 
 
 @dataclass
@@ -135,6 +149,8 @@ class TrackingConfig:
     run_name: str | None = None
     flush_interval_seconds: float = 2.0
     system_stats_interval_seconds: float = 10.0
+    # An unreachable store is retried this long at start (a server still booting); 0: once.
+    startup_timeout_seconds: float = 120.0
     tags: dict[str, str] = field(default_factory=dict)
     # At the end of a run, export these checkpoints (final, best) as the run's MLflow model.
     log_models: list[str] = field(default_factory=lambda: ["final"])
@@ -233,6 +249,9 @@ def validate(cfg: DictConfig) -> None:
 
     Raises :class:`ConfigError` naming the key. Cheap: imports targets, loads nothing.
     """
+    check_schema_keys(cfg)
+    check_not_negative(cfg, NOT_NEGATIVE)
+    check_above_zero(cfg, ABOVE_ZERO)
     for key, allowed in _CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
@@ -240,7 +259,7 @@ def validate(cfg: DictConfig) -> None:
     device = cfg.trainer.device
     if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
         raise ConfigError(f"trainer.device={device!r}: must be auto, cpu, cuda or cuda:N")
-    _check_positive(
+    check_positive(
         cfg,
         [
             "trainer.max_steps",
@@ -282,8 +301,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.data.files:
         raise ConfigError("data.files is empty: name at least one JSONL file")
     for i, name in enumerate(cfg.data.files):
-        if not Path(name).is_file():
-            raise ConfigError(f"data.files[{i}]: no such file: {name}")
+        check_data_file(i, name)
     check_target(cfg.model.source, "model.source")
     check_target(cfg.trainer.optimizer, "trainer.optimizer", skip=("params",))
     for name, node in cfg.notify.notifiers.items():
@@ -305,30 +323,3 @@ PER_CLASS_RECALL = ("eval/recall_allow", "eval/recall_escalation", "eval/recall_
 def is_eval_metric(name: str) -> bool:
     """Whether evaluation logs ``name`` (``so8t_exp.evaluate``)."""
     return name in EVAL_METRICS or name in PER_CLASS_RECALL
-
-
-def _check_positive(cfg: DictConfig, keys: list[str]) -> None:
-    for key in keys:
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)}: must be >= 1")
-
-
-def check_target(node: Any, key: str, skip: tuple[str, ...] = ()) -> None:
-    """Check that ``node`` is a ``_target_`` node whose keys the target accepts."""
-    if not isinstance(node, DictConfig) or "_target_" not in node:
-        raise ConfigError(f"{key}: needs a _target_ naming a class or function")
-    try:
-        target = get_object(node._target_)
-    except Exception as err:
-        raise ConfigError(f"{key}._target_={node._target_!r} cannot be imported: {err}") from err
-    params = inspect.signature(target).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    for name in node:
-        if name.startswith("_") or name in skip:
-            continue
-        if name not in params:
-            accepted = sorted(p for p in params if p not in skip and p != "self")
-            raise ConfigError(
-                f"{key}.{name}: not accepted by {node._target_} (accepted keys: {accepted})"
-            )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from so8t_exp.config import ConfigError, DataConfig
+from so8t_exp.config import ConfigError, DataConfig, check_data_file
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +136,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     train, val, skipped = [], [], 0
     max_chars = cfg.max_length * CHARS_PER_TOKEN_BOUND
     for i, name in enumerate(cfg.files):
+        check_data_file(i, name)
         path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"data.files[{i}]: no such file: {name}")
         got, bad = read_jsonl(path, cfg.on_bad_record)
         skipped += bad
         for rec in got:

@@ -18,7 +18,7 @@ from so8t_exp.fsutil import atomic_write_json
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "session_info.json"
-STATUSES = ("running", "interrupted", "failed", "completed")
+STATUSES = ("running", "interrupted", "failed", "completed", "lost")  # lost: run not in store
 
 
 def now_iso() -> str:

@@ -1,21 +1,46 @@
 """``python -m so8t_exp.sessions``: what every session is doing, and what the launcher
 would do with it.
 
-    python -m so8t_exp.sessions [--tracking-uri URI] [--experiment NAME]     # table
-    python -m so8t_exp.sessions show RUN_ID
-    python -m so8t_exp.sessions abandon RUN_ID      # tag given-up: the launcher leaves it
+    python -m so8t_exp.sessions [list] [key=value ...]         # table
+    python -m so8t_exp.sessions show RUN_ID [key=value ...]
+    python -m so8t_exp.sessions abandon RUN_ID [key=value ...]  # tag given-up: left alone
+
+``key=value`` overrides are the resume launcher's (conf/resume.yaml), as for
+``python -m so8t_exp.resume``: ``tracking.uri=...``, ``tracking.experiment=...``,
+``resume.experiments=[a,b]``, ``resume.stale_after_seconds=...``,
+``tracking.startup_timeout_seconds=...``.
+
+Exit codes: 0 done; 2 bad arguments or config; 4 no such run; 6 the tracking store is
+unreachable (after ``tracking.startup_timeout_seconds``) or unusable.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 
-from so8t_exp.config import ResumeConfig
+from omegaconf import DictConfig, OmegaConf
+
+from so8t_exp.cli_errors import (
+    EXIT_BAD_INPUT,
+    EXIT_NOT_FOUND,
+    EXIT_TRACKING,
+    config_error_line,
+    config_errors,
+    report,
+)
+from so8t_exp.config import ResumeConfig, validate_resume
 from so8t_exp.launcher import judge
+from so8t_exp.paths import config_dir
+from so8t_exp.tracking import resolve_tracking_uri
+from so8t_exp.tracking.errors import TrackingUnavailable, check_store, is_missing
+from so8t_exp.tracking.metrics import retry
 from so8t_exp.tracking.runs import GIVEN_UP, RESUME_COUNT, RunRecord, RunRegistry
+
+COMMANDS = ("list", "show", "abandon")
+# The flags of earlier versions, still understood: they set these keys.
+_LEGACY = {"--tracking-uri": "tracking.uri", "--experiment": "resume.experiments"}
 
 
 def _age(seconds: float | None) -> str:
@@ -53,35 +78,93 @@ def print_table(rows: list[dict[str, str]]) -> None:
         print("  ".join(r[k].ljust(w) for k, w in widths.items()))
 
 
+class UsageError(ValueError):
+    """The command line names no known command, or misses a run id."""
+
+
+def parse_args(argv: list[str]) -> tuple[str, str | None, list[str], dict[str, list[str]]]:
+    """``(command, run_id, overrides, legacy flags)``: words without ``=`` are the command
+    and its run id; ``key=value`` (and ``+key=``/``~key``) are Hydra overrides."""
+    words, overrides, legacy = [], [], {}
+    args = iter(argv)
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in _LEGACY:
+            legacy.setdefault(_LEGACY[flag], []).append(value if eq else next(args, ""))
+        elif "=" in arg or arg.startswith(("+", "~")):
+            overrides.append(arg)
+        else:
+            words.append(arg)
+    command = words.pop(0) if words and words[0] in COMMANDS else "list"
+    if command == "list" and words or len(words) > 1:
+        raise UsageError(f"unexpected {' '.join(words)!r}: {_USAGE}")
+    if command != "list" and not words:
+        raise UsageError(f"{command} needs a RUN_ID: {_USAGE}")
+    return command, (words[0] if words else None), overrides, legacy
+
+
+_USAGE = "python -m so8t_exp.sessions [list | show RUN_ID | abandon RUN_ID] [key=value ...]"
+
+
+def compose_config(overrides: list[str], legacy: dict[str, list[str]]) -> DictConfig:
+    """``conf/resume.yaml`` with the overrides, checked as the launcher checks it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose("resume", overrides=overrides)
+    if "tracking.uri" in legacy:
+        cfg.tracking.uri = legacy["tracking.uri"][-1]
+    if "resume.experiments" in legacy:
+        cfg.resume.experiments = legacy["resume.experiments"]
+    validate_resume(cfg)
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m so8t_exp.sessions",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    ap.add_argument("--tracking-uri", default=None, help="default: as the trainer's")
-    ap.add_argument("--experiment", action="append", help="default: so8t (repeatable)")
-    ap.add_argument("command", nargs="?", default="list", choices=["list", "show", "abandon"])
-    ap.add_argument("run_id", nargs="?")
-    args = ap.parse_args(argv)
-    registry = RunRegistry(args.tracking_uri)
-    cfg, now = ResumeConfig(), time.time()
-    if args.command == "list":
-        runs = registry.runs(args.experiment or ["so8t"], unfinished_only=False)
-        print_table([row(r, cfg, now) for r in runs])
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
         return 0
-    if not args.run_id:
-        ap.error(f"{args.command} needs a RUN_ID")
-    run = registry.get(args.run_id)
-    if args.command == "abandon":
+    try:
+        command, run_id, overrides, legacy = parse_args(argv)
+        cfg = compose_config(overrides, legacy)
+    except UsageError as err:
+        return report(str(err), EXIT_BAD_INPUT)
+    except config_errors() as err:
+        return report(config_error_line(err), EXIT_BAD_INPUT)
+    uri = resolve_tracking_uri(cfg.tracking.uri)
+    try:
+        check_store(uri)
+        return _run(command, run_id, RunRegistry(uri), cfg)
+    except TrackingUnavailable as err:
+        return report(str(err) if uri in str(err) else f"{err} (tracking.uri={uri})", EXIT_TRACKING)
+    except Exception as err:
+        if run_id and is_missing(err):
+            return report(f"run {run_id} is not in the tracking store {uri}", EXIT_NOT_FOUND)
+        raise
+
+
+def _run(command: str, run_id: str | None, registry: RunRegistry, cfg: DictConfig) -> int:
+    rcfg: ResumeConfig = OmegaConf.to_object(cfg.resume)
+    seconds, now = cfg.tracking.startup_timeout_seconds, time.time()
+    if command == "list":
+        experiments = rcfg.experiments or [cfg.tracking.experiment]
+        runs = retry("read the runs", seconds, registry.runs, experiments, False)
+        print_table([row(r, rcfg, now) for r in runs])
+        return 0
+    run = retry("read the run", seconds, registry.get, run_id)
+    if command == "abandon":
         registry.set_tags(run.run_id, {GIVEN_UP: "abandoned by the user"})
         print(f"run {run.run_id} marked given-up; the resume launcher will leave it")
         return 0
-    decision = judge(run, cfg, now)
+    decision = judge(run, rcfg, now)
     print(
         json.dumps(
             {
-                **row(run, cfg, now),
+                **row(run, rcfg, now),
                 "launcher_would": decision.action,
                 "because": decision.reason,
                 "tags": {k: v for k, v in sorted(run.tags.items()) if k.startswith("so8t.")},

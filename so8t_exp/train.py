@@ -18,32 +18,51 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
+from so8t_exp.cli_errors import (
+    EXIT_BAD_INPUT,
+    EXIT_LOCKED,
+    EXIT_RUN_LOST,
+    EXIT_TRACKING,
+    config_error_line,
+    hydra_config_errors,
+    report,
+)
 from so8t_exp.config import ConfigError
 from so8t_exp.data import DataError
 from so8t_exp.lock import SessionLocked
 from so8t_exp.paths import config_dir
 from so8t_exp.run import run_training
+from so8t_exp.session import Session
+from so8t_exp.tracking import resolve_tracking_uri
+from so8t_exp.tracking.errors import RunNotFound, TrackingUnavailable
+from so8t_exp.tracking.metrics import set_startup_timeout
 
-EXIT_BAD_INPUT = 2  # a config key/value or a data line is wrong (the message names it)
-EXIT_LOCKED = 3  # the session folder is in use by another live process
+__all__ = ["EXIT_BAD_INPUT", "EXIT_LOCKED", "main", "run_in_process"]
 # An interrupted run exits with 128 + the signal number (130 for SIGINT, 143 for SIGTERM);
-# a failed one with 1.
+# a failed one with 1; the other codes are in so8t_exp.cli_errors (and the README).
 
 
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _app(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
     session_dir = Path(hc.runtime.output_dir)
+    set_startup_timeout(cfg.tracking.startup_timeout_seconds)
     try:
         code = run_training(cfg, session_dir, session_dir / hc.output_subdir)
     except (ConfigError, DataError) as err:
         # A bad config or data line: one clear line, no traceback, nothing started.
-        print(f"error: {err}", file=sys.stderr)
-        code = EXIT_BAD_INPUT
+        code = report(err, EXIT_BAD_INPUT)
+    except OmegaConfBaseException as err:  # e.g. ${oc.env:X} with X unset, resolved late
+        code = report(config_error_line(err), EXIT_BAD_INPUT)
     except SessionLocked as err:
-        print(f"error: {err}", file=sys.stderr)
-        code = EXIT_LOCKED
+        code = report(err, EXIT_LOCKED)
+    except TrackingUnavailable as err:
+        uri = resolve_tracking_uri(cfg.tracking.uri)
+        code = report(err if uri in str(err) else f"{err} (tracking.uri={uri})", EXIT_TRACKING)
+    except RunNotFound as err:
+        code = report(_run_lost(err, session_dir), EXIT_RUN_LOST)
     # Hydra drops the return value; a single run reports it as the exit code, while a
     # sweep goes on to its next job.
     # ... unless it was stopped by a signal: then the whole sweep stops.
@@ -52,8 +71,31 @@ def _app(cfg: DictConfig) -> int:
     return code
 
 
+def _run_lost(err: RunNotFound, session_dir: Path) -> str:
+    """Mark the session ``lost`` (the launcher and people reading the folder see why it
+    stopped) and say what to do."""
+    session = Session(session_dir)
+    if session.load() is not None:
+        try:
+            session.save(status="lost")
+        except OSError as save_err:  # (a full disk must not hide the real message)
+            print(f"warning: could not update {session.path}: {save_err}", file=sys.stderr)
+    used = session.info.tracking_uri if session.info else None
+    where = (
+        f"point tracking.uri at {used}, the store this session used"
+        if used and used != err.uri
+        else "point tracking.uri at a store that has it"
+    )
+    return (
+        f"{err} (deleted, or another store): session {session_dir} marked lost; "
+        f"{where}, or start over with a new hydra.run.dir"
+    )
+
+
 def main() -> None:
-    _app()
+    """``python -m so8t_exp.train``: Hydra's config errors exit 2 with one line."""
+    with hydra_config_errors():
+        _app()
 
 
 def run_in_process(overrides: list[str]) -> int:
@@ -65,7 +107,8 @@ def run_in_process(overrides: list[str]) -> int:
     GlobalHydra.instance().clear()  # the caller may be a Hydra app itself
     sys.argv = [argv[0], *overrides]
     try:
-        _app()
+        with hydra_config_errors():
+            _app()
         code = 0
     except SystemExit as stop:
         code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)

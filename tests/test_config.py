@@ -103,6 +103,20 @@ def test_misspelled_key_in_a_group_file_names_key_and_file(tmp_path):
         ("checkpoint.best_mode=lowest", "checkpoint.best_mode"),
         ("model.safety_head.loss_weight=-1", "model.safety_head"),
         ("model.safety_head.dropout=1.0", "model.safety_head"),
+        # `+` lifts the schema's struct flag: a key the schema lacks must still be refused
+        ("+trainer.max_step=10", "trainer.max_step: not a key of the schema"),
+        ("+foo=1", "foo: not a key of the schema"),
+        ("++checkpoint.intervall_seconds=1", "checkpoint.intervall_seconds"),
+        # negative intervals would silently switch crash protection off
+        ("checkpoint.interval_seconds=-1", "checkpoint.interval_seconds"),
+        ("checkpoint.every_n_steps=-5", "checkpoint.every_n_steps"),
+        ("checkpoint.mirror_timeout_seconds=-1", "checkpoint.mirror_timeout_seconds"),
+        ("session.lock_wait_seconds=-1", "session.lock_wait_seconds"),
+        ("tracking.startup_timeout_seconds=-1", "tracking.startup_timeout_seconds"),
+        ("tracking.flush_interval_seconds=0", "tracking.flush_interval_seconds"),
+        ("tracking.system_stats_interval_seconds=-10", "tracking.system_stats_interval"),
+        ("progress.interval_seconds=0", "progress.interval_seconds"),
+        ("session.heartbeat_seconds=-30", "session.heartbeat_seconds"),
     ],
 )
 def test_validate_names_the_key(compose_cfg, override, message):
@@ -110,6 +124,27 @@ def test_validate_names_the_key(compose_cfg, override, message):
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
+
+
+def test_plus_still_adds_groups_and_open_dict_keys(compose_cfg):
+    cfg = compose_cfg(
+        "+experiment=smoke",
+        "+tracking.tags.team=nlp",
+        "+notify.notifiers.second={_target_: so8t_exp.notify.ConsoleNotifier}",
+        "checkpoint.interval_seconds=0",  # 0: off, as documented
+    )
+    validate(cfg)
+    assert cfg.tracking.tags.team == "nlp" and "second" in cfg.notify.notifiers
+
+
+def test_hint_for_a_plus_key_names_the_nearest_one(compose_cfg):
+    with pytest.raises(ConfigError, match=r"did you mean trainer\.max_steps\?"):
+        validate(compose_cfg("+trainer.max_step=10"))
+
+
+def test_a_folder_as_data_file_is_told_as_a_folder(compose_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.files\[0\]: .* is a folder"):
+        validate(compose_cfg(f"data.files=[{tmp_path}]"))
 
 
 def test_cfg_job_from_an_unrelated_directory(tmp_path):

@@ -16,6 +16,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from so8t_exp.cli_errors import hydra_config_errors
 from so8t_exp.config import ConfigError
 from so8t_exp.export.pipeline import run_export
 from so8t_exp.paths import config_dir
@@ -39,7 +40,8 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    _app()
+    with hydra_config_errors():  # a misspelled key: one line, exit 2
+        _app()
 
 
 if __name__ == "__main__":

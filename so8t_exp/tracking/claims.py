@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.host import host_id
+from so8t_exp.tracking.metrics import retry
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +74,9 @@ def newest_claim(params: Mapping[str, str]) -> Claim | None:
     return max((c for c in claims if c is not None), key=lambda c: c.number, default=None)
 
 
-class _Unsettled(RuntimeError):
-    """The claim write failed and nobody else's claim took its number: try again."""
+class _Unsettled(TimeoutError):
+    """The claim write failed and nobody else's claim took its number: like a timeout,
+    worth another try."""
 
 
 def claim_run(
@@ -89,22 +91,9 @@ def claim_run(
     by (0: none), so only claim ``after + 1`` is tried — a launcher must not take over a
     run someone claimed since it looked; None: the next free number (a trainer taking over
     its own run). A failed write (``database is locked``, a timeout) is read back and
-    retried for ``retry_seconds``, never taken for a lost race; a run the store does not
-    have raises at once."""
-    deadline, delay = time.monotonic() + retry_seconds, 0.5
-    while True:
-        try:
-            return _claim_once(client, run_id, claimant, after)
-        except MlflowException as err:
-            if err.error_code == "RESOURCE_DOES_NOT_EXIST" or time.monotonic() > deadline:
-                raise
-            log.warning("could not claim run %s yet (%s); retrying", run_id, str(err)[:200])
-        except Exception as err:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("could not claim run %s yet (%s); retrying", run_id, str(err)[:200])
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    retried for ``retry_seconds`` (then ``TrackingUnavailable``), never taken for a lost
+    race; anything else (a run the store does not have) is raised at once."""
+    return retry("claim the run", retry_seconds, _claim_once, client, run_id, claimant, after)
 
 
 def _claim_once(

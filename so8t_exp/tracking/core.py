@@ -24,9 +24,10 @@ from so8t_exp.host import host_id
 from so8t_exp.paths import default_tracking_uri
 from so8t_exp.tracking import mlflow_internals
 from so8t_exp.tracking.describe import git_commit
+from so8t_exp.tracking.errors import RunNotFound, bound_http_retries, check_store, is_missing
 from so8t_exp.tracking.fencing import Lease
 from so8t_exp.tracking.masking import mask_secrets
-from so8t_exp.tracking.metrics import START_RETRY_SECONDS, MetricBuffer, retry
+from so8t_exp.tracking.metrics import MetricBuffer, retry, startup_timeout
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +72,18 @@ def _artifact_location(uri: str) -> str | None:
 class Tracker:
     """One MLflow run: create or re-attach, then log to it by id."""
 
-    def __init__(self, uri: str | None, flush_interval: float = 2.0) -> None:
+    def __init__(
+        self, uri: str | None, flush_interval: float = 2.0, startup_seconds: float | None = None
+    ) -> None:
+        """``startup_seconds``: how long :meth:`start` retries an unreachable store
+        (default: this process's ``tracking.startup_timeout_seconds``). A local sqlite
+        store that cannot be used raises :class:`TrackingUnavailable` here, at once."""
+        bound_http_retries()
         self.uri = resolve_tracking_uri(uri)
+        check_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.flush_interval = flush_interval
+        self.startup_seconds = startup_timeout() if startup_seconds is None else startup_seconds
         self.run_id: str | None = None
         self._repos: dict[str, Any] = {}  # run id -> its artifact repository
         self.metrics: MetricBuffer | None = None
@@ -100,9 +109,11 @@ class Tracker:
         """Open a new run, or re-attach to ``run_id`` (its status goes back to RUNNING).
         ``run_name`` may be a function of the experiment id (to make it unique there);
         ``tags`` are set when the run is created (``mlflow.user`` only counts then).
-        At boot the tracking server may not be up yet: tries for ``START_RETRY_SECONDS``."""
+        At boot the tracking server may not be up yet: tries for ``startup_seconds``, then
+        raises :class:`TrackingUnavailable`; a ``run_id`` the store does not have raises
+        :class:`RunNotFound` at once."""
         return retry(
-            "start the run", START_RETRY_SECONDS, self._start, experiment, run_name, run_id, tags
+            "start the run", self.startup_seconds, self._start, experiment, run_name, run_id, tags
         )
 
     def _start(self, experiment: str, run_name, run_id: str | None, tags) -> str:
@@ -113,32 +124,36 @@ class Tracker:
             self.run_id, logged = run.info.run_id, {}
         else:
             self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+            except Exception as err:
+                if is_missing(err):  # permanent: the store was replaced, or is another one
+                    raise RunNotFound(run_id, self.uri) from err
+                raise
             logged = self.logged_steps()
         self.metrics = MetricBuffer(self._send_metrics, self.flush_interval, logged)
         return self.run_id
 
     def find_session_run(self, experiment: str, session_dir: Path) -> str | None:
         """The newest run recorded for ``session_dir`` (its folder may have been lost):
-        its id, ``"FINISHED"`` if that run is finished, or None."""
-        exp = retry(
-            "read the experiment",
-            START_RETRY_SECONDS,
-            self.client.get_experiment_by_name,
-            experiment,
-        )
-        if exp is None:
-            return None
+        its id, ``"FINISHED"`` if that run is finished, or None. Retried like :meth:`start`."""
         path = str(session_dir.resolve()).replace("'", "\\'")
-        runs = self.client.search_runs(
-            [exp.experiment_id],
-            f"tags.`so8t.session_dir` = '{path}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=1,
-        )
-        if not runs:
-            return None
-        return "FINISHED" if runs[0].info.status == "FINISHED" else runs[0].info.run_id
+
+        def find() -> str | None:
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is None:
+                return None
+            runs = self.client.search_runs(
+                [exp.experiment_id],
+                f"tags.`so8t.session_dir` = '{path}'",
+                order_by=["attributes.start_time DESC"],
+                max_results=1,
+            )
+            if not runs:
+                return None
+            return "FINISHED" if runs[0].info.status == "FINISHED" else runs[0].info.run_id
+
+        return retry("look up the session's run", self.startup_seconds, find)
 
     def logged_steps(self) -> dict[str, int]:
         """The highest step already logged for each metric key of this run (one ``get_run``:
@@ -316,3 +331,7 @@ class Tracker:
             log.warning("MLflow: could not %s: %s", what, err)
             return False
         return True
+
+
+# Before any MlflowClient exists: every module that makes one imports this one.
+bound_http_retries()

@@ -9,25 +9,57 @@ from collections.abc import Callable, Mapping
 
 from mlflow.entities import Metric
 
+from so8t_exp.tracking.errors import TrackingUnavailable, brief, is_transient
+
 log = logging.getLogger(__name__)
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
-START_RETRY_SECONDS = 120.0
+START_RETRY_SECONDS = 120.0  # tracking.startup_timeout_seconds' default
+_startup_timeout = START_RETRY_SECONDS
+
+
+def set_startup_timeout(seconds: float) -> None:
+    """This process's ``tracking.startup_timeout_seconds`` (the entry points set it from
+    their config): how long a :class:`Tracker` retries an unreachable store at start."""
+    global _startup_timeout
+    _startup_timeout = float(seconds)
+
+
+def startup_timeout() -> float:
+    """The value :func:`set_startup_timeout` set, else :data:`START_RETRY_SECONDS`."""
+    return _startup_timeout
 
 
 def retry(what: str, seconds: float, fn: Callable, *args):
-    """``fn(*args)``, retried with backoff for up to ``seconds`` while it raises."""
-    deadline, delay = time.monotonic() + seconds, 1.0
+    """``fn(*args)``, retried with backoff for up to ``seconds`` while the store is
+    unreachable (one warning line per failed try); then :class:`TrackingUnavailable`.
+    Anything else — a refusal, a run the store does not have, a bug — is raised at once:
+    retrying cannot help it."""
+    deadline, delay, attempt = time.monotonic() + seconds, 1.0, 1
     while True:
         try:
             return fn(*args)
         except Exception as err:
-            if time.monotonic() + delay > deadline:
+            if not is_transient(err):
                 raise
-            log.warning("MLflow: could not %s (%s); retrying in %.0f s", what, err, delay)
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TrackingUnavailable(
+                    f"could not {what}: tracking store unreachable for {seconds:.0f} s "
+                    f"(tracking.startup_timeout_seconds): {brief(err)}"
+                ) from err
+            wait = min(delay, left)
+            log.warning(
+                "MLflow: could not %s (%s); try %d failed, next in %.0f s (gives up in %.0f s)",
+                what,
+                brief(err),
+                attempt,
+                wait,
+                left,
+            )
+            time.sleep(wait)
+            delay, attempt = min(delay * 2, 15.0), attempt + 1
 
 
 class MetricBuffer:
