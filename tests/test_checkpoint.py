@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -279,3 +280,50 @@ def test_checkpoints_of_an_unknown_run_are_set_aside(tmp_path: Path):
     assert ckpt.local_names() == []
     aside = list(tmp_path.glob("checkpoints.orphaned-*"))
     assert len(aside) == 1 and (aside[0] / "rolling-step00000009").is_dir()
+
+
+class RefusingStore:
+    """An artifact store (a real folder) that refuses the first ``refusals`` uploads, as a
+    tracking server that is down, or a trainer whose lease is not confirmed yet."""
+
+    def __init__(self, root: Path, refusals: int) -> None:
+        self.root, self.refusals, self.tries = root, refusals, 0
+        root.mkdir(parents=True, exist_ok=True)
+
+    def upload_checkpoint(self, folder: Path) -> bool:
+        self.tries += 1
+        if self.refusals > 0:
+            self.refusals -= 1
+            return False
+        shutil.copytree(folder, self.root / folder.name)
+        return True
+
+    def delete_checkpoint(self, name: str) -> bool:
+        shutil.rmtree(self.root / name, ignore_errors=True)
+        return True
+
+    def list_checkpoints(self) -> list[str]:
+        return [p.name for p in self.root.iterdir()]
+
+    def download_checkpoint(self, name: str, dest: Path) -> bool:
+        shutil.copytree(self.root / name, dest)
+        return True
+
+
+def test_a_refused_copy_is_retried_until_the_store_takes_it(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(mirror, "RETRY_SECONDS", 0.05)
+    store = RefusingStore(tmp_path / "store", refusals=3)
+    mirrored: list[str] = []
+    ckpt = Checkpointer(
+        tmp_path / "checkpoints",
+        CheckpointConfig(),
+        store,
+        lambda *a: None,
+        lambda *a: None,
+        lambda name, step: mirrored.append(name),
+    )
+    ckpt.save("final", 7, _payload(1), wait=True)
+    assert ckpt.drain_mirror(10.0)
+    assert store.tries == 4 and mirrored == ["final-step00000007"]
+    assert fmt.verify(store.root / "final-step00000007") is None
+    ckpt.close()

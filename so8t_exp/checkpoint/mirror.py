@@ -20,6 +20,8 @@ from so8t_exp.checkpoint import format as fmt
 
 log = logging.getLogger(__name__)
 
+RETRY_SECONDS = 5.0  # between tries to copy a checkpoint the store did not take
+
 
 class ArtifactStore(Protocol):
     """What the mirror needs from the tracking module."""
@@ -85,20 +87,33 @@ class Mirror:
                     return
                 name, step = self._pending.pop(0)
                 self._busy = True
+            done = False
             try:
-                self._mirror(name, step)
+                done = self._mirror(name, step)
             except Exception as err:  # the copy is best effort; the local one is the truth
                 log.warning("mirroring checkpoint %s failed: %s", name, err)
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
+            with self._cond:
+                # Not copied (tracking server away): try again, unless closed or a newer
+                # checkpoint is queued to be copied instead.
+                again = not done and not self._closed
+                again = again and not any(s > step for _n, s in self._pending)
+                if again:
+                    self._pending.insert(0, (name, step))
+                self._busy = False
+                self._cond.notify_all()
+                if again:
+                    self._cond.wait(RETRY_SECONDS)  # (a submit or close wakes it early)
 
-    def _mirror(self, name: str, step: int) -> None:
+    def _mirror(self, name: str, step: int) -> bool:
+        """Copy one checkpoint; False if the store could not take it (worth retrying)."""
         folder = self.root / name
         if self.store is None:
             self.on_mirrored(name, step)
-        elif folder.is_dir() and self.store.upload_checkpoint(folder):
+        elif not folder.is_dir():
+            return True  # (pruned meanwhile: nothing to copy)
+        elif not self.store.upload_checkpoint(folder):
+            return False
+        else:
             # Listed once per run, then kept up to date here: a listing per upload is as
             # much work as the upload itself.
             remote = self._remote
@@ -111,6 +126,7 @@ class Mirror:
                 if self.store.delete_checkpoint(doomed):
                     remote.discard(doomed)
             self.on_mirrored(name, step)  # only now is it in MLflow
+        return True
 
     def fetch_newest(self, above: int = -1) -> Path | None:
         """Download the newest checkpoint past step ``above`` that verifies into ``root``;

@@ -163,7 +163,7 @@ class Tracker:
     def may_write(self) -> bool:
         """Whether this process may write to its run now (see :mod:`.fencing`): always
         before it has claimed the run, then only while its lease is confirmed."""
-        return self.lease is None or self.lease.writable()
+        return self.lease is None or self.lease.writable() or self.lease.renew()
 
     def _write(self, what: str, fn: Callable, *args, **kwargs) -> bool:
         """A write to the run: fenced by the lease, then like :meth:`safely`."""

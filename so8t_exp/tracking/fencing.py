@@ -43,6 +43,7 @@ class Lease:
         self.client, self.run_id, self.claim, self.seconds = client, run_id, claim, seconds
         self.confirmed_at = time.monotonic()  # (the claim was just written or read)
         self.fenced_by: Claim | None = None
+        self._last_renewal = float("-inf")
 
     def check(self) -> bool:
         """Read the newest claim: True if still ours (the lease is renewed), False if
@@ -71,6 +72,20 @@ class Lease:
             f"{by.number if by else '?'}) after this trainer's claim {self.claim.number}; "
             "stopping without writing anything more"
         )
+
+    def renew(self) -> bool:
+        """For a writer the lease held back: check now (at most once every ``seconds / 3``)
+        instead of waiting for the next beat, so writes go on as soon as the tracking
+        server is back. False if still not writable."""
+        now = time.monotonic()
+        if self.fenced or now - self._last_renewal < self.seconds / 3:
+            return False
+        self._last_renewal = now
+        try:
+            self.check()
+        except Exception:  # still unreachable: the writer keeps its data and retries
+            return False
+        return self.writable()
 
     def writable(self) -> bool:
         """Whether a write may start now: ours, and confirmed within the lease."""
