@@ -8,6 +8,7 @@ start that finds nothing to do, or a config it must refuse, leaves the run untou
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from so8t_exp.notify import Notifiers
 from so8t_exp.session import SessionInfo
 from so8t_exp.takeover import handed_claim
 from so8t_exp.tracking import Tracker
+from so8t_exp.tracking.errors import TrackingUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,13 @@ def continuation(
     fingerprint: dict[str, str],
     allow_config_change: bool,
     notify: Notifiers,
+    mirrored_step: Callable[[], int],
 ) -> Continuation | None:
     """What to continue from; None if there is nothing to do (a completed session, its
-    config unchanged). Raises ``ConfigError`` for a config the checkpoint forbids."""
+    config unchanged). Raises ``ConfigError`` for a config the checkpoint forbids, and
+    ``TrackingUnavailable`` when MLflow has checkpoints of the run (``mirrored_step``: the
+    newest one's step, by the run's tags) that could not be fetched: starting over then
+    would throw them away."""
     if run_id is None:
         checkpointer.set_aside_foreign()
         return Continuation(None, None)
@@ -62,8 +68,14 @@ def continuation(
         return Continuation(run_id, restored, extend_from) if extend_from else None
     if saved is not None:
         check_fingerprint(saved, fingerprint, allow_config_change)
-    else:
-        start_over(checkpointer, run_id, notify)
+        return Continuation(run_id, restored)
+    seen_invalid = checkpointer.local_names() or checkpointer.mirror.rejected
+    if checkpointer.mirror.store is not None and not seen_invalid and (step := mirrored_step()):
+        raise TrackingUnavailable(
+            f"run {run_id} has checkpoints in MLflow (the newest at step {step}) but none "
+            "could be fetched (tracking server unreachable?); start it again later"
+        )
+    start_over(checkpointer, run_id, notify)
     return Continuation(run_id, restored)
 
 

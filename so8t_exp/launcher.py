@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TextIO
 
 from so8t_exp.config import ResumeConfig
+from so8t_exp.host import host_id
 from so8t_exp.lock import SessionLock, SessionLocked
 from so8t_exp.notify import Notifiers
 from so8t_exp.overrides import override
@@ -47,7 +48,9 @@ def _masked(cmd: list[str]) -> list[str]:
 def session_folder(run: RunRecord) -> Path:
     """Where this host continues ``run``: its own folder if it was last trained here, else
     ``<project>/outputs/<run id>`` (another host's path means nothing here)."""
-    if is_local(run) and run.session_dir is not None:
+    # (so8t.host: the host of the trainer that wrote so8t.session_dir)
+    written_here = run.tags.get("so8t.host") in (None, host_id())
+    if is_local(run) and written_here and run.session_dir is not None:
         return run.session_dir
     return project_root() / "outputs" / run.run_id
 

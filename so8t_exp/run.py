@@ -116,12 +116,14 @@ class TrainingRun(RunEnd):
             self.fingerprint,
             self.cfg.checkpoint.allow_config_change,
             self.notify,
+            lambda: self.tracker.mirrored_step(run_id),
         )
         if cont is None:
             log.info("session %s is already completed; nothing to do", self.session_dir)
             return 0
         if run_id is not None:  # own the run before writing to it
             self._take_over()
+            self.checkpointer.drop_rejected_copies()
         # Handed over, not kept in a frame that lives as long as the session: the host copy
         # of the trained state is freed as soon as the model has it.
         step, self.restored, self.extend_from = cont.step, cont.restored, cont.extend_from
@@ -141,7 +143,9 @@ class TrainingRun(RunEnd):
         if info is None:
             self.session.info = SessionInfo(session_id=self.tracker.run_id)
         self.session.save(
-            status="running",
+            # A run trained longer stays "completed" until its first new checkpoint: a crash
+            # before it must find the same train-longer start, not a changed config.
+            status="completed" if self.extend_from else "running",
             total_steps=self.cfg.trainer.max_steps,
             tracking_uri=self.tracker.uri,
             resumes=self.session.info.resumes + int(resumed),
@@ -317,7 +321,10 @@ class TrainingRun(RunEnd):
         epoch, _ = self.trainer.plan.position(step)
         p = self.trainer.progress
         names = self.checkpointer.local_names()
+        status = self.session.info.status
         self.session.save(
+            # (a run trained longer is "running" from its first new checkpoint on)
+            status="running" if status == "completed" else status,
             current_step=step,
             current_epoch=epoch,
             best_loss=p.best_value,

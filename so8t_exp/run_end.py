@@ -41,10 +41,12 @@ class RunEnd:
             self.tracker.log_artifacts(report, "eval")
         # "completed" only once MLflow says FINISHED: otherwise a restart finishes the job
         # (from the final checkpoint) instead of believing it done.
-        if self.page.finish("FINISHED", tr.progress.step):
-            self.session.save(status="completed", current_step=tr.progress.step)
-        elif self.tracker.lease.fenced:  # (taken over while closing: not ours to finish)
-            raise Fenced(self.tracker.lease.reason)
+        if not self.page.finish("FINISHED", tr.progress.step):
+            if self.tracker.lease.fenced:  # (taken over while closing: not ours to finish)
+                raise Fenced(self.tracker.lease.reason)
+            log.error("the run is trained but not FINISHED in MLflow: start it again to close it")
+            return  # (no model logged into a run this process may no longer own)
+        self.session.save(status="completed", current_step=tr.progress.step)
         self.notify(
             "finished",
             f"run {self.tracker.run_id}: {tr.progress.step} steps, "

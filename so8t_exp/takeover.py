@@ -12,6 +12,7 @@ from so8t_exp.tracking import Tracker
 from so8t_exp.tracking.claims import Claim, claim_run, new_claimant, parse_claim
 from so8t_exp.tracking.errors import RunNotFound, is_missing
 from so8t_exp.tracking.fencing import Fenced, Heartbeat, Lease
+from so8t_exp.tracking.metrics import retry
 
 CLAIM_ENV = "SO8T_CLAIM"  # "<run id> <claim param key> <claim value>": the launcher's claim
 LEASE_BEATS = 3  # a lease lasts this many heartbeat intervals without a confirmation
@@ -61,7 +62,7 @@ def take_over(tracker: Tracker, heartbeat_seconds: float, step: Callable[[], int
         if claim is None:
             raise Fenced(f"run {run_id} was claimed by another process at the same moment")
     lease = Lease(tracker.client, run_id, claim, lease_seconds(heartbeat_seconds))
-    if not lease.check():
+    if not retry("confirm the claim", tracker.startup_seconds, lease.check):
         raise Fenced(lease.reason)
     tracker.lease = lease
     return Heartbeat(lease, lambda: tracker.heartbeat(step()), heartbeat_seconds).start()

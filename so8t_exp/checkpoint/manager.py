@@ -133,15 +133,18 @@ class Checkpointer:
 
     def set_aside_invalid(self) -> tuple[list[str], Path | None]:
         """No checkpoint verifies: move the local ones to ``checkpoints.corrupt-<time>`` for
-        inspection, and delete from MLflow those that failed there (they would outrank the
-        new ones in retention). The invalid names, and where the local ones went."""
+        inspection. The invalid names (local and in MLflow), and where the local ones went."""
         names = self.local_names()
         aside = self._set_aside("corrupt")
-        store = self.mirror.store
-        for name in self.mirror.rejected:
-            if store is not None:
-                store.delete_checkpoint(name)
         return sorted(set(names) | set(self.mirror.rejected)), aside
+
+    def drop_rejected_copies(self) -> None:
+        """Delete from MLflow the copies :meth:`newest` found invalid (they would outrank
+        newer valid ones in retention). Only once this process owns the run."""
+        store = self.mirror.store
+        for name in self.mirror.rejected if store is not None else ():
+            store.delete_checkpoint(name)
+        self.mirror.rejected.clear()
 
     def _set_aside(self, label: str) -> Path | None:
         if not self.local_names():

@@ -51,7 +51,9 @@ def rebuild(state: TrainedState) -> Rebuilt:
             params[name].copy_(tensor)
     alpha = None
     if adapters:  # as Trainer.sync_schedules: the alpha of the last completed step
-        gate, total = cfg.model.so8t.alpha_gate, cfg.trainer.max_steps
+        # (a run trained longer keeps its schedules' original horizon: Progress.horizon)
+        total = state.metrics.get("schedule_steps") or cfg.trainer.max_steps
+        gate = cfg.model.so8t.alpha_gate
         alpha = so8t.alpha_at(max(state.step - 1, 0), gate, total)
         so8t.set_alpha(adapters, alpha)
     return Rebuilt(model.eval(), tokenizer, adapters, head, alpha)

@@ -109,8 +109,9 @@ def _claim_once(
         # A lost race, or a write whose answer was lost: the store's content decides.
         log.debug("claim %d of run %s: %s", claim.number, run_id, err)
     got = client.get_run(run_id).data.params.get(claim.key)
-    if got == claim.value:
-        return claim
+    taken = parse_claim(claim.key, got) if got is not None else None
+    if taken is not None and taken.by == claimant:  # (maybe an earlier try's write)
+        return taken
     if got is not None:
         log.info("claim %d of run %s lost to %s", claim.number, run_id, got)
         return None

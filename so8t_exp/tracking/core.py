@@ -216,6 +216,11 @@ class Tracker:
             }
         )
 
+    def mirrored_step(self, run_id: str) -> int:
+        """The step of the run's newest checkpoint in MLflow, by its tags (0: none)."""
+        run = retry("read the run", self.startup_seconds, self.client.get_run, run_id)
+        return int(float(run.data.tags.get("so8t.checkpoint.latest_step", 0) or 0))
+
     def checkpoint_mirrored(self, name: str, step: int) -> None:
         """The newest checkpoint in MLflow, as tags (raw epoch for launchers, ISO for people)."""
         now = time.time()
