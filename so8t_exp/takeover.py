@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 from so8t_exp.tracking import Tracker
 from so8t_exp.tracking.claims import Claim, claim_run, new_claimant, parse_claim
-from so8t_exp.tracking.errors import RunNotFound, is_missing
+from so8t_exp.tracking.errors import run_must_exist
 from so8t_exp.tracking.fencing import Fenced, Heartbeat, Lease
 from so8t_exp.tracking.metrics import retry
 
@@ -53,12 +53,8 @@ def take_over(tracker: Tracker, heartbeat_seconds: float, step: Callable[[], int
     handed = handed_claim()
     claim = handed[1] if handed and handed[0] == run_id else None
     if claim is None:
-        try:
+        with run_must_exist(run_id, tracker.uri):
             claim = claim_run(tracker.client, run_id, new_claimant(), None, tracker.startup_seconds)
-        except Exception as err:
-            if is_missing(err):  # (the store was replaced: reported like a failed re-attach)
-                raise RunNotFound(run_id, tracker.uri) from err
-            raise
         if claim is None:
             raise Fenced(f"run {run_id} was claimed by another process at the same moment")
     lease = Lease(tracker.client, run_id, claim, lease_seconds(heartbeat_seconds))

@@ -24,7 +24,7 @@ from so8t_exp.host import host_id
 from so8t_exp.paths import default_tracking_uri
 from so8t_exp.tracking import mlflow_internals
 from so8t_exp.tracking.describe import git_commit
-from so8t_exp.tracking.errors import RunNotFound, bound_http_retries, check_store, is_missing
+from so8t_exp.tracking.errors import bound_http_retries, check_store, run_must_exist
 from so8t_exp.tracking.fencing import Lease
 from so8t_exp.tracking.masking import mask_secrets
 from so8t_exp.tracking.metrics import MetricBuffer, retry, startup_timeout
@@ -124,12 +124,8 @@ class Tracker:
             self.run_id, logged = run.info.run_id, {}
         else:
             self.run_id = run_id
-            try:
+            with run_must_exist(run_id, self.uri):
                 self.client.update_run(run_id, status="RUNNING")
-            except Exception as err:
-                if is_missing(err):  # permanent: the store was replaced, or is another one
-                    raise RunNotFound(run_id, self.uri) from err
-                raise
             logged = self.logged_steps()
         self.metrics = MetricBuffer(self._send_metrics, self.flush_interval, logged)
         return self.run_id
@@ -218,7 +214,8 @@ class Tracker:
 
     def mirrored_step(self, run_id: str) -> int:
         """The step of the run's newest checkpoint in MLflow, by its tags (0: none)."""
-        run = retry("read the run", self.startup_seconds, self.client.get_run, run_id)
+        with run_must_exist(run_id, self.uri):
+            run = retry("read the run", self.startup_seconds, self.client.get_run, run_id)
         return int(float(run.data.tags.get("so8t.checkpoint.latest_step", 0) or 0))
 
     def checkpoint_mirrored(self, name: str, step: int) -> None:

@@ -12,7 +12,8 @@ import logging
 import os
 import re
 import sqlite3
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from mlflow.exceptions import MlflowException
@@ -66,6 +67,17 @@ class RunNotFound(LookupError):
     def __init__(self, run_id: str, uri: str) -> None:
         super().__init__(f"run {run_id} is not in the tracking store {uri}")
         self.run_id, self.uri = run_id, uri
+
+
+@contextmanager
+def run_must_exist(run_id: str, uri: str) -> Iterator[None]:
+    """Turn the store's "no such run" inside the block into :class:`RunNotFound`."""
+    try:
+        yield
+    except Exception as err:
+        if is_missing(err):  # permanent: the store was replaced, or is another one
+            raise RunNotFound(run_id, uri) from err
+        raise
 
 
 def is_missing(err: BaseException) -> bool:
