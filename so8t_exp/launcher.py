@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import datetime
 from pathlib import Path
 from typing import TextIO
@@ -173,7 +173,7 @@ class Launcher:
         cmd = [sys.executable, "-m", "so8t_exp.train", *overrides]
         where = "in this process" if self.cfg.in_process else "as a child process"
         log.info("launching: %s (%s)", " ".join(_masked(cmd)), where)
-        handover = handing_over(run.run_id, claim) if run and claim else _no_handover()
+        handover = handing_over(run.run_id, claim) if run and claim else nullcontext()
         with _tee_output(logs), handover as env:
             if self.cfg.in_process:
                 from so8t_exp.train import run_in_process  # torch & co. load only now
@@ -192,11 +192,6 @@ def _free_session() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-@contextmanager
-def _no_handover() -> Iterator[None]:
-    yield None
 
 
 def _run_child(cmd: list[str], env: dict[str, str] | None) -> int:

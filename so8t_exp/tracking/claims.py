@@ -48,7 +48,7 @@ class Claim:
 
     @property
     def pid(self) -> int | None:
-        pid = self.by.split(":")[1] if self.by.count(":") >= 1 else ""
+        pid = self.by.partition(":")[2].partition(":")[0]
         return int(pid) if pid.isdigit() else None
 
 
