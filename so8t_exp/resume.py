@@ -22,6 +22,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from so8t_exp.boot.boot_log import stamped_output
 from so8t_exp.cli_errors import (
     EXIT_BAD_INPUT,
     EXIT_NOT_FOUND,
@@ -134,11 +135,12 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """``python -m so8t_exp.resume``; Hydra's config errors exit 2 with one line."""
+    """``python -m so8t_exp.resume``; Hydra's config errors exit 2 with one line. Under the
+    boot scripts (``SO8T_STAMP_LINES=1``) every output line is timestamped."""
     # Everything imported so far lives to the end: keep the collector off it, which makes
     # reading a thousand runs ~2x faster (bench/run.py, selection_seconds_1000_runs).
     gc.freeze()
-    with hydra_config_errors():
+    with stamped_output("so8t_exp.resume"), hydra_config_errors():
         _app()
 
 

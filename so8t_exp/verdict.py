@@ -115,6 +115,7 @@ class HeartbeatWatch:
         if self.path is None:
             return
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)  # sessions/boot: no Hydra dir
             atomic_write_json(self.path, self.seen)
         except OSError as err:  # only costs the next launcher a longer watch
             log.warning("could not keep heartbeat observations in %s: %s", self.path, err)

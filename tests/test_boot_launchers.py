@@ -1,11 +1,11 @@
-"""Boot launchers: the Windows scripts' invariants (cmd.exe, wscript.exe and Task Scheduler
-cannot run here, so their text is checked), the systemd unit, and the Linux script for real."""
+"""Boot launchers: the Windows scripts' invariants that Wine cannot show (its cmd.exe has no
+code pages and expands ``%`` twice; tests/test_windows_launchers.py runs them for real), the
+run_hidden.vbs quoting, and the Linux script for real."""
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -61,82 +61,29 @@ def test_bat_files_never_prompt(path):
         assert not re.search(r"(?i)^pause\b|[\s&(]pause\b|\bset\s+/p\b|\bchoice\b", line), line
 
 
-def test_resume_bat_finds_the_project_from_its_own_location():
-    text = RESUME_BAT.read_text(encoding="ascii")
-    assert "%CD%" not in text.upper()
+def test_bat_files_restore_the_code_page_and_never_expand_paths_twice():
+    """``call`` and delayed expansion would expand ``%`` and ``!`` in a folder name again
+    (Wine's cmd.exe always does, so only the text can show it)."""
+    for path in (RESUME_BAT, REGISTER_BAT):
+        text = path.read_text(encoding="ascii")
+        lines = code_lines(path)
+        assert "%CD%" not in text.upper()
+        assert "setlocal EnableExtensions DisableDelayedExpansion" in lines
+        assert not any(re.match(r"(?i)call\b", line) for line in lines)
+        saved = line_with(lines, "in ('chcp')", 'set "OLDCP=%%C"')
+        assert lines.index("chcp 65001 >nul") > saved
+        assert lines[-2:] == ["if defined OLDCP chcp %OLDCP% >nul 2>&1", "exit /b %CODE%"]
+        for name in ("PYTHONUTF8=1", "PYTHONUNBUFFERED=1"):
+            assert f'set "{name}"' in lines
+
+
+def test_bat_files_write_no_timestamps_of_their_own():
+    """The launcher stamps every line (SO8T_STAMP_LINES); only the no-Python error, which no
+    launcher can write, carries cmd's own date."""
     lines = code_lines(RESUME_BAT)
-    assert "chcp 65001" in lines[line_with(lines, "chcp")]
-    root_line = lines[line_with(lines, "%~dp0", 'set "ROOT=')]
-    relative = re.search(r'"%~dp0([^"]*)"', root_line).group(1)
-    assert (RESUME_BAT.parent / relative.replace("\\", "/")).resolve() == ROOT
-    assert 'cd /d "%ROOT%"' in lines
-
-
-def test_resume_bat_prefers_the_venv_python_then_py_launcher():
-    lines = code_lines(RESUME_BAT)
-    venv = line_with(lines, 'set "PYEXE=%ROOT%\\.venv\\Scripts\\python.exe"')
-    fallback = line_with(lines, 'if not exist "%PYEXE%"')
-    assert venv < fallback
-    assert lines[fallback + 1 : fallback + 3] == ['set "PYEXE=py"', 'set "PYARGS=-3"']
-
-
-def test_resume_bat_appends_timestamped_lines_and_propagates_the_exit_code():
-    lines = code_lines(RESUME_BAT)
-    assert lines[line_with(lines, 'set "LOG=')] == 'set "LOG=%ROOT%\\logs\\resume_at_boot.log"'
-    to_log = [line for line in lines if '"%LOG%"' in line and not line.startswith("set ")]
-    assert len(to_log) == 3
-    assert all(re.search(r'>>\s*"%LOG%"', line) for line in to_log)
-    assert not any(re.search(r'(?<!>)>\s*"%LOG%"', line) for line in to_log)  # never truncates
-    assert all("[%DATE% %TIME%]" in line for line in to_log if line.startswith("echo "))
-    run = line_with(lines, "-m so8t_exp.resume", "2>&1")
-    assert lines[run] == '"%PYEXE%" %PYARGS% -m so8t_exp.resume %* >> "%LOG%" 2>&1'
-    assert lines[run + 1] == 'set "CODE=%ERRORLEVEL%"'
-    assert "exit code %CODE%" in lines[run + 2]
-    assert lines[-1] == "exit /b %CODE%"
-
-
-def expand(line: str, values: dict[str, str]) -> str:
-    """cmd.exe's percent expansion of ``%NAME%`` (enough for these lines)."""
-    return re.sub(r"%(\w+)%", lambda m: values.get(m.group(1), m.group(0)), line)
-
-
-def test_resume_bat_log_lines_survive_single_digit_values():
-    values = {"DATE": "Mon 01/05/2026", "TIME": "12:00:00.00", "LOG": r"C:\p\logs\r.log"}
-    for line in code_lines(RESUME_BAT):
-        if line.startswith("echo ") and ">>" in line:
-            for code in "0124":
-                expanded = expand(line, {**values, "CODE": code})
-                assert not re.search(r"\s\d>", expanded), expanded
-
-
-def test_register_task_needs_admin_and_recreates_the_task():
-    lines = code_lines(REGISTER_BAT)
-    admin = line_with(lines, "net session")
-    assert lines[admin + 1].startswith("if errorlevel 1")
-    assert "exit /b 1" in lines[admin + 2 : admin + 6]
-    creates = [line for line in lines if line.startswith("schtasks /Create")]
-    assert len(creates) == 2
-    assert all('/F /TN "%TASK%" /TR "%ACTION%"' in line for line in creates)
-    logon = [line for line in creates if "/SC ONLOGON" in line]
-    startup = [line for line in creates if "/SC ONSTART" in line]
-    assert len(logon) == len(startup) == 1
-    assert "/IT" in logon[0].split() and "SYSTEM" not in logon[0]
-    assert "/RU SYSTEM" in startup[0] and "/IT" not in startup[0].split()
-    mode = line_with(lines, 'if /i "%~1"=="/startup"')
-    assert lines[mode].endswith('set "MODE=startup"')
-    assert lines[line_with(lines, 'if /i "%MODE%"=="startup"') + 1] == startup[0]
-
-
-def test_register_task_runs_the_vbs_with_wscript_and_shows_how_to_remove_it():
-    lines = code_lines(REGISTER_BAT)
-    action = lines[line_with(lines, 'set "ACTION=')]
-    assert action == 'set "ACTION=wscript.exe \\"%HERE%\\run_hidden.vbs\\""'
-    here = lines[line_with(lines, 'set "HERE=')]
-    assert '"%~dp0."' in here
-    assert any(line.startswith('schtasks /Query /TN "%TASK%"') for line in lines)
-    assert 'echo   schtasks /Delete /TN "%TASK%" /F' in lines
-    assert not any(line.startswith("schtasks /Delete") for line in lines)  # printed, not run
-    assert lines[-1] == "exit /b 0"
+    assert 'set "SO8T_STAMP_LINES=1"' in lines
+    stamped = [line for line in lines if "%DATE%" in line]
+    assert len(stamped) == 1 and "%%~M" in stamped[0]
 
 
 def vbs_string(expression: str, variables: dict[str, str]) -> str:
@@ -155,45 +102,6 @@ def test_run_hidden_vbs_runs_the_bat_hidden_waits_and_returns_its_code():
     command = vbs_string(run.group(2), {"here": r"C:\My Projects\so8t\launchers\windows"})
     # cmd /c strips the outer pair of quotes: a path with spaces stays one quoted argument.
     assert command == r'cmd.exe /d /c ""C:\My Projects\so8t\launchers\windows\resume_at_boot.bat""'
-
-
-# -- systemd ----------------------------------------------------------------------------------
-
-
-def unit_sections(text: str) -> dict[str, dict[str, str]]:
-    sections: dict[str, dict[str, str]] = {}
-    current = None
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("["):
-            current = sections.setdefault(line.strip("[]"), {})
-        else:
-            key, value = line.split("=", 1)
-            current[key] = value
-    return sections
-
-
-def test_systemd_unit_runs_the_linux_script_from_the_checkout():
-    unit = unit_sections(UNIT.read_text())
-    assert unit["Service"]["ExecStart"] == "@ROOT@/launchers/linux/resume_at_boot.sh"
-    assert unit["Service"]["WorkingDirectory"] == "@ROOT@"
-    assert unit["Install"]["WantedBy"] == "default.target"
-    script = Path(unit["Service"]["ExecStart"].replace("@ROOT@", str(ROOT)))
-    assert script == LINUX_SH and os.access(script, os.X_OK)
-
-
-def test_systemd_unit_verifies(tmp_path):
-    if shutil.which("systemd-analyze") is None:
-        pytest.skip("systemd-analyze not installed")
-    unit = tmp_path / UNIT.name
-    unit.write_text(UNIT.read_text().replace("@ROOT@", str(ROOT)))
-    out = subprocess.run(
-        ["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60
-    )
-    problems = [line for line in out.stderr.splitlines() if UNIT.name in line]
-    assert out.returncode == 0 and problems == [], out.stderr
 
 
 # -- the Linux script -------------------------------------------------------------------------
@@ -233,26 +141,55 @@ def log_lines(tmp_path: Path) -> list[str]:
     return [STAMP.sub("", line) for line in lines]
 
 
+def raw_log(tmp_path: Path) -> list[str]:
+    return (tmp_path / "logs" / "resume_at_boot.log").read_text().splitlines()
+
+
 def test_linux_script_passes_arguments_and_propagates_the_exit_code(tmp_path):
     python = fake_python(
-        tmp_path, 'echo "args: $*"\necho "cwd: $(pwd -P)"\necho "oops" >&2\nexit 7'
+        tmp_path,
+        'echo "args: $*"\necho "cwd: $(pwd -P)"\necho "stamp: $SO8T_STAMP_LINES'
+        ' $PYTHONUNBUFFERED"\necho "oops" >&2\nexit 7',
     )
     out = run_script(tmp_path, "resume.dry_run=true", "a b", python=str(python))
     assert out.returncode == 7
-    assert out.stdout == ""  # everything goes to the log
-    assert log_lines(tmp_path) == [
-        f"resume_at_boot: starting {python} -m so8t_exp.resume resume.dry_run=true a b",
+    assert out.stdout == out.stderr == ""  # everything goes to the log
+    assert raw_log(tmp_path) == [  # a stand-in Python: nobody stamps its lines
         "args: -m so8t_exp.resume resume.dry_run=true a b",
         f"cwd: {ROOT}",
+        "stamp: 1 1",
         "oops",
-        "resume_at_boot: exit code 7",
     ]
 
 
-def test_linux_script_keeps_an_unterminated_last_line(tmp_path):
-    python = fake_python(tmp_path, "printf 'last words'")
-    assert run_script(tmp_path, python=str(python)).returncode == 0
-    assert "last words" in log_lines(tmp_path)
+def test_linux_script_says_when_there_is_no_python(tmp_path):
+    out = run_script(tmp_path, python=str(tmp_path / "no-such-python"))
+    assert out.returncode == 127
+    assert "no Python found" in out.stderr
+    (line,) = log_lines(tmp_path)
+    assert line.startswith("resume_at_boot: error: no Python found")
+
+
+def test_linux_script_runs_and_fails_when_the_log_cannot_be_written(tmp_path):
+    (tmp_path / "logs" / "resume_at_boot.log").mkdir(parents=True)  # a folder: no appending
+    python = fake_python(tmp_path, 'echo "ran"\nexit 0')
+    out = run_script(tmp_path, python=str(python))
+    assert out.returncode == 8  # it ran, but nothing of it was logged
+    assert out.stdout == "ran\n" and "cannot write the log" in out.stderr
+
+
+def test_launcher_stamps_every_line_and_its_exit(tmp_path, store):
+    out = run_script(tmp_path, f"tracking.uri={store}", "resume.dry_run=true")
+    assert out.returncode == 0
+    lines = log_lines(tmp_path)
+    assert lines[0].startswith(f"resume_at_boot: starting {sys.executable} -m so8t_exp.resume")
+    assert "dry run: nothing to resume" in lines
+    assert lines[-1] == "resume_at_boot: exit code 0"
+    bad = run_script(tmp_path, "resume.bogus=1")
+    assert bad.returncode == 2
+    lines = log_lines(tmp_path)
+    assert any(line.startswith("error: ") and "resume.bogus" in line for line in lines)
+    assert lines[-1] == "resume_at_boot: exit code 2"
 
 
 @pytest.mark.slow
