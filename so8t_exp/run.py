@@ -26,6 +26,7 @@ from so8t_exp.evaluations import Evaluations
 from so8t_exp.fingerprint import config_fingerprint
 from so8t_exp.lock import SessionLock
 from so8t_exp.progress_bar import ProgressBar
+from so8t_exp.progress_log import StepWindow
 from so8t_exp.run_end import RunEnd
 from so8t_exp.run_inputs import record_inputs
 from so8t_exp.session import Session, SessionInfo, now_iso
@@ -217,6 +218,7 @@ class TrainingRun(RunEnd):
         monitor = None
         try:
             self._build()
+            self.window = StepWindow(self.trainer.progress.step)
             monitor = Monitor(
                 self.tracker.log_metrics,
                 self._state_for_monitor,
@@ -225,6 +227,8 @@ class TrainingRun(RunEnd):
                     "stats": self.cfg.tracking.system_stats_interval_seconds,
                     "progress": self.cfg.progress.interval_seconds,
                 },
+                self.window,
+                self.cfg.trainer.max_steps,
             ).start()
             with _frozen_heap():
                 self._loop(stop)
@@ -259,6 +263,8 @@ class TrainingRun(RunEnd):
             if lease.fenced:
                 raise Fenced(lease.reason)
             metrics = self.trainer.train_step()
+            # (floats the step has synced already: the progress log's mean costs no sync)
+            self.window.add(p.step, metrics)
             metrics.update(self.pending_metrics)
             self.pending_metrics.clear()
             if p.step % t.log_every_n_steps == 0 or p.step == t.max_steps:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import sys
 import time
+from datetime import datetime
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,12 +33,15 @@ from so8t_exp.cli_errors import (
     report,
 )
 from so8t_exp.config import ResumeConfig, validate_resume
+from so8t_exp.host import host_id
 from so8t_exp.launcher import judge
 from so8t_exp.paths import config_dir
+from so8t_exp.progress_log import newest, tail
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.errors import TrackingUnavailable, check_store, is_missing
 from so8t_exp.tracking.metrics import retry
 from so8t_exp.tracking.runs import GIVEN_UP, RESUME_COUNT, RunRecord, RunRegistry
+from so8t_exp.verdict import is_local
 
 COMMANDS = ("list", "show", "abandon")
 # The flags of earlier versions, still understood: they set these keys.
@@ -52,15 +57,52 @@ def _age(seconds: float | None) -> str:
     return f"{seconds:.0f}s"
 
 
-def row(run: RunRecord, cfg: ResumeConfig, now: float) -> dict[str, str]:
+def local_folder(run: RunRecord) -> Path | None:
+    """The run's session folder if it is this host's (another host's path may name an
+    unrelated folder here, or an old copy)."""
+    written_here = run.tags.get("so8t.host") in (None, host_id())
+    return run.session_dir if run.session_dir and written_here and is_local(run) else None
+
+
+def progress_lines(run: RunRecord) -> list[dict]:
+    """The newest lines of the run's progress log, newest first; ``[]`` when there is none
+    here. The log, not the session file: it is written every ``progress.interval_seconds``
+    (the session file only at checkpoints) and survives resumes, and a torn last line is
+    skipped."""
+    folder = local_folder(run)
+    return tail(folder / "progress_logs" / "progress.jsonl") if folder else []
+
+
+def _eta(lines: list[dict], alive: bool, now: float) -> str:
+    """``MM-DD HH:MM (left)`` in this host's time, from the newest line; only for a run that
+    is training now (a dead or finished run's last estimate would mislead)."""
+    try:
+        eta = datetime.fromisoformat(lines[0]["eta"]) if alive and lines else None
+    except (KeyError, TypeError, ValueError):
+        eta = None
+    if eta is None:
+        return "-"
+    return f"{eta.astimezone():%m-%d %H:%M} ({_age(max(eta.timestamp() - now, 0))})"
+
+
+def row(
+    run: RunRecord, cfg: ResumeConfig, now: float, lines: list[dict] | None = None
+) -> dict[str, str]:
+    """One table row; ``lines``: the run's progress lines (read here when not given)."""
     decision = judge(run, cfg, now)
+    lines = progress_lines(run) if lines is None else lines
+    loss = newest(lines, "train/loss")
     latest = run.tag_float("so8t.checkpoint.latest_time")
     step = max(int(run.tag_float("so8t.step", 0) or 0), run.checkpoint_step)
+    if lines and isinstance(lines[0].get("step"), int):  # (newer than the heartbeat's tag)
+        step = max(step, lines[0]["step"])
     return {
         "run_id": run.run_id,
         "name": run.name,
         "status": f"{run.status}/{decision.state}",
         "step": f"{step}/{run.params.get('trainer.max_steps', '?')}",
+        "loss": f"{loss:.4g}" if isinstance(loss, (int, float)) else "-",
+        "eta": _eta(lines, decision.state == "alive", now),
         "checkpoint": run.tags.get("so8t.checkpoint.latest", "-"),
         "ckpt_age": _age(now - latest if latest else None),
         "resumes": run.tags.get(RESUME_COUNT, "0"),
@@ -160,11 +202,15 @@ def _run(command: str, run_id: str | None, registry: RunRegistry, cfg: DictConfi
         registry.set_tags(run.run_id, {GIVEN_UP: "abandoned by the user"})
         print(f"run {run.run_id} marked given-up; the resume launcher will leave it")
         return 0
-    decision = judge(run, rcfg, now)
+    decision, lines = judge(run, rcfg, now), progress_lines(run)
+    keys = ("time", "step", "percent_done", "train/loss", "train/lr", "steps_per_sec")
     print(
         json.dumps(
             {
-                **row(run, rcfg, now),
+                **row(run, rcfg, now, lines),
+                "last_progress_line": {k: lines[0][k] for k in keys if k in lines[0]}
+                if lines
+                else None,
                 "launcher_would": decision.action,
                 "because": decision.reason,
                 "tags": {k: v for k, v in sorted(run.tags.items()) if k.startswith("so8t.")},

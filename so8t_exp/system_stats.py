@@ -1,5 +1,6 @@
 """System figures (CPU, RAM, process RSS, per-GPU utilisation/memory/temperature/power)
-sampled in a background thread, plus the seed's JSON-lines progress log.
+sampled in a background thread, plus the JSON-lines progress log (training figures from
+:mod:`so8t_exp.progress_log` beside the system's).
 
 MLflow's own system-metrics monitor logs no GPU temperature, so the trainer samples
 everything itself through psutil and NVML and logs it like any other metric.
@@ -8,7 +9,6 @@ everything itself through psutil and NVML and logs it like any other metric.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -18,7 +18,20 @@ from pathlib import Path
 
 import psutil
 
+from so8t_exp.progress_log import (
+    ProgressFigures,
+    StepWindow,
+    json_line,
+    resume_rate,
+    significant,
+)
+
 log = logging.getLogger(__name__)
+
+
+def _rounded(value):
+    # (train_seconds, best_value: float noise in the 17th digit helps no reader)
+    return significant(value, 6) if isinstance(value, float) else value
 
 
 class GpuProbe:
@@ -38,6 +51,7 @@ class GpuProbe:
             self.handles = []
 
     def sample(self) -> dict[str, float]:
+        """``system/gpu<i>/<reading>`` for every GPU; no keys at all without one."""
         out: dict[str, float] = {}
         for i, h in enumerate(self.handles):
             readers = {
@@ -54,6 +68,8 @@ class GpuProbe:
 
 
 class SystemSampler:
+    """CPU, RAM and process figures (psutil) and the GPUs' (:class:`GpuProbe`)."""
+
     def __init__(self) -> None:
         self.process = psutil.Process()
         self.process.cpu_percent(None)
@@ -61,6 +77,7 @@ class SystemSampler:
         self.gpus = GpuProbe()
 
     def sample(self) -> dict[str, float]:
+        """One reading of every figure, keyed ``system/...`` as logged to MLflow."""
         vm = psutil.virtual_memory()
         return {
             "system/cpu_percent": psutil.cpu_percent(None),
@@ -76,7 +93,9 @@ class Monitor:
     system figures through ``log_metrics``; a JSON line of system and training figures in
     ``<session>/progress_logs/progress.jsonl``. (The liveness heartbeat has a thread of
     its own, :class:`so8t_exp.tracking.fencing.Heartbeat`: a slow NVML read must not delay
-    it.)"""
+    it.)
+
+    ``window`` is fed by the training loop; ``total_steps`` is ``trainer.max_steps``."""
 
     def __init__(
         self,
@@ -84,10 +103,16 @@ class Monitor:
         training_state: Callable[[], dict],
         session_dir: Path,
         intervals: dict[str, float],
+        window: StepWindow,
+        total_steps: int,
     ) -> None:
         self.log_metrics, self.training_state = log_metrics, training_state
         self.progress_file = session_dir / "progress_logs" / "progress.jsonl"
         self.sampler = SystemSampler()
+        # (read before this process writes a line: the previous process's rate)
+        rate = resume_rate(session_dir, training_state())
+        self.figures = ProgressFigures(window, total_steps, rate)
+        self._write_lock = threading.Lock()  # stop() may race a last periodic line
         self.tasks = {
             "stats": (intervals["stats"], self.log_stats),
             "progress": (intervals["progress"], self.write_progress),
@@ -112,19 +137,29 @@ class Monitor:
             self._stop.wait(max(0.05, min(due.values()) - time.monotonic()))
 
     def log_stats(self) -> None:
+        """Log one reading of the system figures at the current step."""
         self.log_metrics(self.sampler.sample(), self.training_state()["step"])
 
     def write_progress(self) -> None:
-        line = {
-            "time": datetime.now(timezone.utc).isoformat(),
-            **self.training_state(),
-            **self.sampler.sample(),
-        }
-        self.progress_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.progress_file.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(line, ensure_ascii=False) + "\n")
+        """Append one line: time, training figures (the step, loss and rate ones first:
+        what a person looks for), the rest of the training state, system figures."""
+        with self._write_lock:
+            figures = self.figures.figures()
+            system = {k: round(v, 2) for k, v in self.sampler.sample().items()}
+            line = {
+                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                **figures,
+                **{k: _rounded(v) for k, v in self.training_state().items() if k not in figures},
+                **system,
+            }
+            self.progress_file.parent.mkdir(parents=True, exist_ok=True)
+            # One write of a whole line: a reader never sees half of one (but a torn last
+            # line after a power cut is possible: readers skip it).
+            with self.progress_file.open("a", encoding="utf-8") as fh:
+                fh.write(json_line(line))
 
     def stop(self) -> None:
+        """Stop the thread and write a last line (the final step's figures)."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
