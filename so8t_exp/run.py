@@ -134,6 +134,7 @@ class TrainingRun(RunEnd):
             self._take_over()
         self._open_session(info, resumed=run_id is not None)
         with StopRequest() as stop:
+            stop.closer = self._console_close  # (Windows: a console close with no time left)
             return self._guarded(stop)
 
     def _take_over(self) -> None:
@@ -270,6 +271,8 @@ class TrainingRun(RunEnd):
             if p.step % t.log_every_n_steps == 0 or p.step == t.max_steps:
                 metrics.update(self.trainer.so8t_metrics())
                 self.tracker.log_metrics(metrics, p.step)
+            if stop.grace is not None:  # a closing console: no time for an eval or a save
+                break
             if self.evals.due(p.step):
                 self._evaluate()
             if (
@@ -295,6 +298,7 @@ class TrainingRun(RunEnd):
         tr = self.trainer
         started = time.perf_counter()
         self.checkpointer.drain()  # the host buffers below are reused: the last write is done
+        captured = time.perf_counter()
         state = {
             "progress": tr.progress.as_dict(),
             "config": self.fingerprint,
@@ -318,6 +322,7 @@ class TrainingRun(RunEnd):
             state=state,
             buffers=self.host_buffers,
         )
+        self.checkpointer.last_capture_seconds = time.perf_counter() - captured
         self.checkpointer.last_save_seconds = tr.progress.train_seconds
         self.checkpointer.save(kind, tr.progress.step, payload, wait=wait)
         # Logged with the next step: this step's metrics are already in the checkpoint.

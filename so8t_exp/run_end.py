@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import logging
 
+from so8t_exp import shutdown_budget
 from so8t_exp.evaluations import Evaluations
 from so8t_exp.export import export_final
 from so8t_exp.export.pipeline import log_run_models
+from so8t_exp.shutdown_budget import Grace
 from so8t_exp.signals import StopRequest
 from so8t_exp.tracking.fencing import EXIT_FENCED, Fenced
 
@@ -70,31 +72,72 @@ class RunEnd:
     def _stopped(
         self, stop: StopRequest, status: str, mlflow_status: str, code: int, reason: str = ""
     ) -> int:
-        """Emergency checkpoint at the last step boundary (if one can be had), then close.
+        """Emergency checkpoint at the last step boundary (if one can be had and, after a
+        Windows console close, fits in its grace), then close.
         Further signals are only logged from here on: this is the way out."""
         stop.shield()
         tr = getattr(self, "trainer", None)
+        step = tr.progress.step if tr else None
+        if stop.close_claimed:  # the console handler closed the run: Windows ends us now
+            return code
         if (
             tr is not None
             and not tr.applying
             and tr.progress.step > self.checkpointer.last_save_step
             and not self.tracker.lease.fenced
+            and self._emergency_fits(stop.grace)
         ):
             try:
                 self._save("emergency", wait=True)
             except Exception as err:
                 log.error("emergency checkpoint failed: %s", err)
+        elif stop.grace is not None and tr is not None and step == self.checkpointer.last_save_step:
+            log.warning(
+                "console %s: no emergency checkpoint needed: the newest is of step %d",
+                stop.grace.event,
+                step,
+            )
+        if not stop.claim_close():  # (the save outlasted the grace: the handler closed it)
+            stop.done()
+            return code
+        self._close_run(status, mlflow_status, step, stop.grace)
+        self.notify(
+            "interrupted" if status == "interrupted" else "failed",
+            f"run {self.tracker.run_id} {status} at step {step or 0}"
+            + (f": {reason}" if reason else ""),
+        )
+        stop.done()
+        return code
+
+    def _emergency_fits(self, grace: Grace | None) -> bool:
+        """Always, but after a console close: only if the last save says it fits."""
+        if grace is None:
+            return True
+        estimate = self.checkpointer.save_estimate()
+        fits, line = shutdown_budget.emergency_decision(
+            grace, estimate, self.checkpointer.newest_step()
+        )
+        log.warning("console %s: %s", grace.event, line)
+        return fits
+
+    def _close_run(
+        self, status: str, mlflow_status: str, step: int | None, grace: Grace | None
+    ) -> None:
+        """Session file, buffered metrics and MLflow status say how the run ended."""
         try:  # (a full disk must not keep MLflow from hearing how the run ended)
             self.session.save(status=status)
         except OSError as err:
             log.error("could not update %s: %s", self.session.path, err)
-        stop.done()
-        # Short: Windows gives a closing console only seconds; the local copy is what counts.
-        self.checkpointer.drain_mirror(10.0)
-        self.page.finish(mlflow_status, tr.progress.step if tr else None)
-        self.notify(
-            "interrupted" if status == "interrupted" else "failed",
-            f"run {self.tracker.run_id} {status} at step {tr.progress.step if tr else 0}"
-            + (f": {reason}" if reason else ""),
-        )
-        return code
+        if grace is not None:  # a closing console: no time for retries or the mirror
+            self.tracker.finish(mlflow_status, retry_seconds=0.0, step=step)
+            return
+        self.checkpointer.drain_mirror(10.0)  # (the local copy is what counts)
+        self.page.finish(mlflow_status, step)
+
+    def _console_close(self, grace: Grace, saving: bool) -> None:
+        """:attr:`StopRequest.closer`: the console handler's thread closes the run when the
+        training thread has not, with only the reserve of the grace left (``saving``: the
+        training thread is in its emergency save)."""
+        log.warning(shutdown_budget.overrun_message(grace, saving, self.checkpointer.newest_step()))
+        tr = getattr(self, "trainer", None)
+        self._close_run("interrupted", "KILLED", tr.progress.step if tr else None, grace)

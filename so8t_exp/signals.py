@@ -6,9 +6,12 @@ KeyboardInterrupt at once, for a step that would take too long; once the emergen
 begun (:meth:`StopRequest.shield`), further signals are only logged.
 
 Windows ends a process as soon as its console-control handler returns from a close, logoff
-or shutdown event, so there a handler registered with ``SetConsoleCtrlHandler`` sets the
-flag and *waits* (up to the ~5 s Windows allows) until :meth:`StopRequest.done` is called
-after the emergency checkpoint is on disk.
+or shutdown event, or when its ~5 s timeout runs out. There a handler registered with
+``SetConsoleCtrlHandler`` sets the flag and a :class:`~so8t_exp.shutdown_budget.Grace`,
+then *waits* until :meth:`StopRequest.done` says the run is closed. If the training thread
+has not closed it with :data:`~so8t_exp.shutdown_budget.CLOSE_RESERVE_SECONDS` left (a long
+step, an evaluation, a slow emergency save), the handler calls :attr:`StopRequest.closer`
+itself; :meth:`StopRequest.claim_close` makes sure only one of the two closes the run.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
+
+from so8t_exp import shutdown_budget
+from so8t_exp.shutdown_budget import Grace
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, s)]
 _CLOSE_EVENTS = {2: "close", 5: "logoff", 6: "shutdown"}  # CTRL_*_EVENT
-_WINDOWS_GRACE_SECONDS = 4.5
+_WINDOWS = os.name == "nt"  # (a name tests can switch)
+SIGBREAK = getattr(signal, "SIGBREAK", 21)  # (its Windows number, for tests elsewhere)
 
 
 class StopRequest:
@@ -32,13 +40,20 @@ class StopRequest:
         self._previous: dict[int, object] = {}
         self._done = threading.Event()
         self._console_handler = None  # kept referenced while registered (ctypes callback)
+        self.grace: Grace | None = None  # set by a console close, logoff or shutdown event
+        # Closes the run (session file, metrics, MLflow status) from the handler's thread
+        # when the training thread does not get to it in time; set by the run.
+        # (called with the grace and whether the emergency path has begun)
+        self.closer: Callable[[Grace, bool], None] | None = None
+        self._close_lock = threading.Lock()
+        self.close_claimed = False
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name)
                 self._previous[sig] = signal.signal(sig, self._handle)
-            if os.name == "nt":
+            if _WINDOWS:
                 self._register_console_handler(True)
         return self
 
@@ -55,8 +70,15 @@ class StopRequest:
         self.signum = self.signum or signal.SIGINT
 
     def done(self) -> None:
-        """The emergency checkpoint (if any) is on disk: a waiting Windows handler may return."""
+        """The run is closed (emergency checkpoint, if any, on disk): a waiting Windows
+        handler may return, which lets Windows end the process."""
         self._done.set()
+
+    def claim_close(self) -> bool:
+        """True for the first caller only: it, and nobody else, closes the run."""
+        with self._close_lock:
+            first, self.close_claimed = not self.close_claimed, True
+            return first
 
     def _handle(self, signum: int, _frame) -> None:
         if self.shielded:
@@ -70,22 +92,37 @@ class StopRequest:
         self.signum = signum
         log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
 
-    def _register_console_handler(self, add: bool) -> None:  # Windows only; untested on CI
+    def on_console_event(self, ctrl_type: int) -> bool:
+        """What the Windows console handler does (in a thread Windows starts for it): for a
+        close, logoff or shutdown, request the stop and hold Windows off until the run is
+        closed, closing it from here if the training thread is late. False: not ours."""
+        event = _CLOSE_EVENTS.get(ctrl_type)
+        if event is None:
+            return False  # Ctrl-C / Ctrl-Break: the C runtime raises SIGINT/SIGBREAK
+        # (a second event, say shutdown after close, gets no more time than the first)
+        grace = self.grace = self.grace or Grace(event)
+        log.warning("console %s: stopping within the %.1f s Windows allows", event, grace.seconds)
+        self.signum = self.signum or SIGBREAK
+        if not self._done.wait(max(0.0, grace.left() - shutdown_budget.CLOSE_RESERVE_SECONDS)):
+            closer = self.closer
+            if closer is not None and self.claim_close():
+                try:
+                    closer(grace, self.shielded)
+                except Exception:  # (returning in time matters more than this close)
+                    log.exception("closing the run from the console handler failed")
+            # An emergency save still running may yet finish: it is worth the rest.
+            self._done.wait(grace.left())
+        return True
+
+    def _register_console_handler(self, add: bool) -> None:  # Windows only
         import ctypes
         from ctypes import wintypes
 
         if add:
-
-            @ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)
-            def handler(ctrl_type: int) -> bool:
-                if ctrl_type not in _CLOSE_EVENTS:
-                    return False  # Ctrl-C / Ctrl-Break: the C runtime raises SIGINT/SIGBREAK
-                log.warning("console %s: emergency checkpoint", _CLOSE_EVENTS[ctrl_type])
-                self.signum = self.signum or signal.SIGBREAK
-                self._done.wait(_WINDOWS_GRACE_SECONDS)
-                return True
-
-            self._console_handler = handler
+            # (kept in an attribute: a collected callback would crash the process)
+            self._console_handler = ctypes.WINFUNCTYPE(wintypes.BOOL, wintypes.DWORD)(
+                self.on_console_event
+            )
         ctypes.windll.kernel32.SetConsoleCtrlHandler(self._console_handler, add)
         if not add:
             self._console_handler = None

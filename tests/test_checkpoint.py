@@ -121,7 +121,7 @@ def test_leftover_temporary_folders_are_ignored_and_removed(tmp_path: Path):
     (tmp_path / ".tmp-rolling-step00000002-123").mkdir()
     (tmp_path / "rolling-step0002").mkdir()  # not our name pattern
     assert fmt.newest_valid(tmp_path).name == "rolling-step00000001"
-    fmt.remove_leftovers(tmp_path)
+    fmt.recover_leftovers(tmp_path)
     assert not (tmp_path / ".tmp-rolling-step00000002-123").exists()
 
 

@@ -3,7 +3,10 @@
 A checkpoint is a folder ``<kind>-step<NNNNNNNN>`` holding safetensors files (tensors) and
 JSON files (everything else), and ``manifest.json`` with the sha256 and size of every file.
 It is written as ``.tmp-<name>-<pid>``, each file fsynced, the manifest written last, then
-renamed into place: a folder with a valid manifest is complete by construction.
+renamed into place: a folder with a valid manifest is complete by construction. A folder of
+the same name already there is replaced by :func:`so8t_exp.fsutil.replace_dir` (set aside as
+``<name>.old-<tag>``, rename in, delete); :func:`recover_leftovers` finishes or undoes what a
+crash cut short, so at any point one complete copy exists and is found.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load, save_file
 
+from so8t_exp import fsutil
 from so8t_exp.fsutil import atomic_write_json, file_sha256, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,11 @@ MANIFEST = "manifest.json"
 # Kinds, in the order that breaks a tie of steps (any is a complete state of its step).
 KINDS = ("rolling", "best", "emergency", "final")
 _NAME = re.compile(r"^(rolling|best|emergency|final)-step(\d{8,})$")
+# What a crash can leave: a staged write (``.tmp-<name>-<pid>``) and the previous copy set
+# aside while a folder of the same name was replaced (``<name>.old-<tag>``).
+_CKPT = r"(?P<name>(?:rolling|best|emergency|final)-step\d{8,})"
+_STAGED = re.compile(rf"^\.tmp-{_CKPT}-\d+$")
+_ASIDE = re.compile(rf"^{_CKPT}{re.escape(fsutil.ASIDE_MARK)}[\w-]+$")
 
 
 @dataclass
@@ -62,8 +70,8 @@ def write(root: Path, name: str, payload: Payload, pause_after_first_file: float
     ``pause_after_first_file`` exists for fault injection (a kill in mid-write).
     """
     final = root / name
-    tmp = root / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging_folder(root, name)
+    fsutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     files = {}
     for group, tensors in payload.tensors.items():
@@ -88,11 +96,14 @@ def write(root: Path, name: str, payload: Payload, pause_after_first_file: float
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     fsync_dir(tmp)
-    if final.exists():  # same kind and step written before a crash: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    fsync_dir(root)
+    # Same kind and step written before (e.g. a corrupt one resumed past): replace it.
+    fsutil.replace_dir(tmp, final)
     return final
+
+
+def staging_folder(root: Path, name: str) -> Path:
+    """Where this process writes checkpoint ``name`` before renaming it into place."""
+    return root / f".tmp-{name}-{os.getpid()}"
 
 
 def verify(folder: Path) -> str | None:
@@ -160,9 +171,42 @@ def newest_valid(root: Path, kind: str | None = None) -> Path | None:
     return None
 
 
-def remove_leftovers(root: Path) -> None:
-    """Delete temporary folders of writes that a crash cut short."""
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(".tmp-") and child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
+def recover_leftovers(root: Path) -> None:
+    """Put right what a crash (or a refused rename) left under ``root``; call before
+    choosing a checkpoint, while holding the session lock.
+
+    For each checkpoint name with a staged write or an aside copy: if the folder of that
+    name is missing or invalid, the first complete one of them (the staged write, the newer,
+    first) takes its place; every other leftover is deleted. Other ``.tmp-*`` folders
+    (cut-short downloads) are deleted. Each step is logged."""
+    if not root.is_dir():
+        return
+    by_name: dict[str, list[Path]] = {}
+    for child in sorted(root.iterdir()):
+        if not child.is_dir():
+            continue
+        m = _STAGED.match(child.name) or _ASIDE.match(child.name)
+        if m:
+            by_name.setdefault(m["name"], []).append(child)
+        elif child.name.startswith(".tmp-"):
+            log.info("removing %s, left by an interrupted download", child.name)
+            fsutil.rmtree(child, ignore_errors=True)
+    for name, leftovers in by_name.items():
+        leftovers.sort(key=lambda p: not p.name.startswith(".tmp-"))  # staged first
+        final = root / name
+        problem = verify(final) if final.exists() else "missing"
+        if problem is not None:
+            for folder in leftovers:
+                if verify(folder) is None:
+                    fsutil.replace_dir(folder, final)
+                    leftovers.remove(folder)
+                    log.warning(
+                        "checkpoint %s (%s) restored from %s, left by an interrupted write",
+                        name,
+                        problem,
+                        folder.name,
+                    )
+                    break
+        for folder in leftovers:
+            log.info("removing %s, left by an interrupted checkpoint write", folder.name)
+            fsutil.rmtree(folder, ignore_errors=True)

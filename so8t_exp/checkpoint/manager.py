@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from so8t_exp import fsutil
 from so8t_exp.checkpoint import format as fmt
 from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, superseded
 from so8t_exp.config import CheckpointConfig
@@ -41,12 +41,17 @@ class Checkpointer:
         self.on_saved, self.on_failed = on_saved, on_failed
         self.root.mkdir(parents=True, exist_ok=True)
         self.mirror = Mirror(root, store, cfg.keep, on_mirrored)
-        fmt.remove_leftovers(self.root)
+        fmt.recover_leftovers(self.root)
         self._idle = threading.Event()
         self._idle.set()
         self._thread: threading.Thread | None = None
         self.last_save_seconds = 0.0  # training time at the last rolling save
         self.last_save_step = -1
+        # Measured durations (seconds) of the last save, for the shutdown budget: the host
+        # copy on the training thread (set by the caller) and the write in the worker.
+        self.last_capture_seconds: float | None = None
+        self.last_write_seconds: float | None = None
+        self._write_started: float | None = None  # monotonic start of the write in flight
         # Fault injection for tests: seconds to pause inside each write.
         self._pause = float(os.environ.get("SO8T_FAULT_CHECKPOINT_PAUSE", "0") or 0)
 
@@ -105,18 +110,32 @@ class Checkpointer:
         self.drain()
         self.mirror.close()
 
+    def save_estimate(self) -> float | None:
+        """Seconds a save started now would take to be on disk, from the last one measured
+        (plus what is left of a write in flight); None if none was measured yet."""
+        if self.last_write_seconds is None:
+            return None
+        estimate = (self.last_capture_seconds or 0.0) + self.last_write_seconds
+        started = self._write_started
+        if self.busy and started is not None:
+            estimate += max(0.0, self.last_write_seconds - (time.monotonic() - started))
+        return estimate
+
     def _write(self, name: str, kind: str, step: int, payload: fmt.Payload) -> None:
+        self._write_started = started = time.monotonic()
         try:
             fmt.write(self.root, name, payload, self._pause)
             for doomed in superseded(self.local_names(), self.cfg.keep):
-                shutil.rmtree(self.root / doomed, ignore_errors=True)
+                fsutil.rmtree(self.root / doomed, ignore_errors=True)
+            self.last_write_seconds = time.monotonic() - started
             self.on_saved(name, step, kind)
             self.mirror.submit(name, step)
         except Exception as err:  # a failed save must not kill training; the next may work
             log.error("checkpoint %s failed: %s", name, err)
-            shutil.rmtree(self.root / f".tmp-{name}-{os.getpid()}", ignore_errors=True)
+            fsutil.rmtree(fmt.staging_folder(self.root, name), ignore_errors=True)
             self.on_failed(name, err)
         finally:
+            self._write_started = None
             self._idle.set()
 
     def has_valid(self, kind: str, step: int) -> bool:
@@ -150,12 +169,19 @@ class Checkpointer:
         if not self.local_names():
             return None
         aside = self.root.with_name(f"checkpoints.{label}-{int(time.time())}")
-        os.replace(self.root, aside)
+        fsutil.replace(self.root, aside)
         self.root.mkdir()
         return aside
 
     def local_names(self) -> list[str]:
+        """Names of the checkpoint folders here, newest first (not verified)."""
         return [p.name for _s, _k, p in fmt.candidates(self.root)]
+
+    def newest_step(self) -> int | None:
+        """Step of the newest checkpoint folder here (not verified), None if none."""
+        names = self.local_names()
+        parsed = fmt.parse_name(names[0]) if names else None
+        return parsed[1] if parsed else None
 
     # -- load -------------------------------------------------------------------------
     def newest(self) -> tuple[Path, fmt.Payload] | None:

@@ -8,14 +8,13 @@ matters, so a backlog collapses to it (plus the final one).
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from so8t_exp import fsutil
 from so8t_exp.checkpoint import format as fmt
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,10 @@ class Mirror:
             reverse=True,
         )
         for _step, _kind, name in remote:
-            with tempfile.TemporaryDirectory(dir=self.root, prefix=".tmp-download-") as tmp:
+            # (a folder Windows will not let go of yet is removed at the next start)
+            with tempfile.TemporaryDirectory(
+                dir=self.root, prefix=".tmp-download-", ignore_cleanup_errors=True
+            ) as tmp:
                 staged = Path(tmp) / name
                 if not self.store.download_checkpoint(name, staged):
                     continue
@@ -153,8 +155,7 @@ class Mirror:
                     self.rejected.append(name)
                     continue
                 target = self.root / name
-                shutil.rmtree(target, ignore_errors=True)
-                os.replace(staged, target)
+                fsutil.replace_dir(staged, target)  # (an invalid local one of that name)
                 log.info("restored checkpoint %s from MLflow artifacts", name)
                 return target
         return None
