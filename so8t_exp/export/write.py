@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from so8t_exp import fsutil
 from so8t_exp.data import FOUR_CLASS_LABELS
 from so8t_exp.export import so8t_safety_head as runtime
 from so8t_exp.fsutil import temp_sibling
@@ -34,11 +35,9 @@ def write_export(out: Path, model, tokenizer, head, dtype: str, provenance: dict
         shutil.copyfile(runtime.__file__, tmp / RUNTIME_FILE)
         info = {**provenance, "dtype": str(target).removeprefix("torch.")}
         (tmp / "so8t_export.json").write_text(json.dumps(info, indent=2), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        fsutil.replace_dir(tmp, out)  # a crash at any point leaves one complete export
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        fsutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from so8t_exp import fsutil
 from so8t_exp.fsutil import link_or_copy
 from so8t_exp.host import host_id
 from so8t_exp.paths import default_tracking_uri
@@ -299,7 +300,7 @@ class Tracker:
             got = self._artifact_repo().download_artifacts(
                 f"{CHECKPOINT_ARTIFACTS}/{name}", str(staging)
             )
-            os.replace(got, dest)
+            fsutil.replace(Path(got), dest)  # retried while Windows refuses it for a moment
             return True
         except Exception as err:
             log.warning("MLflow: could not download checkpoint %s: %s", name, err)
