@@ -153,3 +153,17 @@ def hydra_config_errors() -> Iterator[None]:
         yield
     finally:
         hydra_utils.run_and_report = original
+
+
+def pipe_safe(main: Callable[[], int]) -> int:
+    """``main()``, ending quietly when the reader of stdout went away (``... | head``), as
+    a shell tool does: exit 141 (128 + SIGPIPE), no traceback."""
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout again at exit: point it somewhere that accepts the rest.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141

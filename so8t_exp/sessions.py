@@ -30,6 +30,7 @@ from so8t_exp.cli_errors import (
     EXIT_TRACKING,
     config_error_line,
     config_errors,
+    pipe_safe,
     report,
 )
 from so8t_exp.config import ResumeConfig, validate_resume
@@ -222,5 +223,10 @@ def _run(command: str, run_id: str | None, registry: RunRegistry, cfg: DictConfi
     return 0
 
 
+def cli() -> None:
+    """``python -m so8t_exp.sessions`` and the ``so8t-sessions`` console script."""
+    sys.exit(pipe_safe(main))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -242,3 +242,22 @@ def test_last_start_reads_the_newest_start_and_its_end(tmp_path):
     with log.open("a") as fh:
         fh.write("[2026-12-02 08:10:00] resume_at_boot: exit code 0\n")
     assert last_start(log).exit_code == 0
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):
+    """``... | head -1`` (pipe_safe, as `sessions` and `boot` use it): a real closed pipe,
+    written past its buffer, ends with 141 and no BrokenPipeError traceback."""
+    code = (
+        "import sys; from so8t_exp.cli_errors import pipe_safe; "
+        "sys.exit(pipe_safe(lambda: print('x' * 4_000_000) or 0))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=subprocess_env(tmp_path),
+    )
+    proc.stdout.read(10)
+    proc.stdout.close()  # as `head -c 10` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Traceback" not in err, err

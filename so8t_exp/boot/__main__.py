@@ -29,6 +29,7 @@ from so8t_exp.cli_errors import (
     EXIT_TRACKING,
     config_error_line,
     config_errors,
+    pipe_safe,
     report,
 )
 from so8t_exp.config_checks import ConfigError
@@ -103,8 +104,8 @@ def main(argv: list[str] | None = None, target: Target | None = None) -> int:
 
 
 def cli() -> None:
-    """The ``so8t-boot`` console script."""
-    sys.exit(main())
+    """``python -m so8t_exp.boot`` and the ``so8t-boot`` console script."""
+    sys.exit(pipe_safe(main))
 
 
 if __name__ == "__main__":
