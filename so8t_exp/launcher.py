@@ -69,8 +69,9 @@ class Launcher:
 
     def decisions(self) -> list[Decision]:
         """The verdict on every candidate run; runs owned by another host are watched
-        (up to ``resume.stale_after_seconds``, not in a dry run) until their heartbeat
-        changes (alive) or it is clear that it will not (dead)."""
+        (up to ``resume.stale_after_seconds``; not in a dry run, nor while a run can be
+        resumed at once without ``resume.all``) until their heartbeat changes (alive) or it
+        is clear that it will not (dead)."""
         if self.cfg.run_id:
             runs = [self.registry.get(self.cfg.run_id)]
         else:
@@ -84,6 +85,11 @@ class Launcher:
     def _watched(self, decisions: list[Decision]) -> list[Decision]:
         waiting = [d for d in decisions if d.action == "watch"]
         if not waiting:
+            return decisions
+        if not self.cfg.all and any(d.action == "resume" for d in decisions):
+            # A run can be resumed now: minutes of watching another host's run would only
+            # delay it. The observations are kept, so a later launcher judges those sooner.
+            log.info("not watching %d run(s) of other hosts: one resumes now", len(waiting))
             return decisions
         stale = self.cfg.stale_after_seconds
         print(

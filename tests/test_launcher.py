@@ -286,6 +286,23 @@ def test_another_hosts_run_is_judged_on_this_hosts_clock(tmp_path: Path, store: 
     assert at(200).action == "watch"  # a gap in the watch: it may have been cut off too
 
 
+def test_a_run_resumable_now_is_not_held_up_by_watching_another_host(tmp_path, store):
+    """At boot the local dead run starts at once; another host's run is watched (minutes)
+    only when nothing can be resumed now, or with ``resume.all``."""
+    client = MlflowClient(store)
+    make_run(client, tmp_path, "local-dead", "KILLED")
+    remote = make_run(client, tmp_path, "remote", "RUNNING", folder=False, host="far")
+    cfg = ResumeConfig(stale_after_seconds=3)
+    started = time.monotonic()
+    decisions = Launcher(cfg, store, ["so8t"], Notifiers({})).decisions()
+    assert time.monotonic() - started < 2.5  # no watch: it would take 3 s and more
+    by_name = {d.run.name: d.action for d in decisions}
+    assert by_name == {"local-dead": "resume", "remote": "watch"}
+    cfg_all = ResumeConfig(stale_after_seconds=3, all=True)
+    decisions = Launcher(cfg_all, store, ["so8t"], Notifiers({})).decisions()
+    assert {d.run.run_id: d.action for d in decisions}[remote] == "resume"  # watched: dead
+
+
 def test_session_lock_is_exclusive_and_names_the_holder(tmp_path: Path, holder):
     folder = tmp_path / "s"
     assert not is_locked(folder)
