@@ -110,6 +110,9 @@ def test_install_status_remove_round_trip(tmp_path, store):
     assert out.returncode == 0, out.stderr
     assert unit.read_text() == boot(tmp_path, "print").stdout
     assert f"wrote {unit}" in out.stdout
+    assert f"  with SO8T_EXP_HOME={tmp_path} (from this shell)" in out.stdout
+    environment = next(x for x in unit.read_text().splitlines() if x.startswith("Environment="))
+    assert quote_word(f"SO8T_EXP_HOME={tmp_path}") in environment  # the boot run's store
     if "no systemd user manager answered" in out.stdout:  # a container, CI
         assert "systemctl --user enable so8t-resume.service" in out.stdout
         assert "loginctl enable-linger" in out.stdout

@@ -72,6 +72,7 @@ def unit_spec(cfg: BootConfig, target: Target) -> systemd.UnitSpec:
         log_dir=log_dir(),
         delay_seconds=cfg.delay_seconds,
         restart_count=cfg.restart_count,
+        environment=tuple(systemd.carried_environment().items()),
     )
 
 
@@ -100,6 +101,8 @@ def _install_linux(cfg: BootConfig, target: Target) -> int:
     print(f"wrote {path}")
     print(f"  runs: {' '.join(spec.command)}  (in {target.root})")
     print(f"  log:  {spec.log}")
+    for key, value in spec.environment:
+        print(f"  with {key}={value} (from this shell)")
     reload = systemd.systemctl("daemon-reload")
     enable = systemd.systemctl("enable", unit) if reload and reload.returncode == 0 else None
     if enable is None or enable.returncode != 0:

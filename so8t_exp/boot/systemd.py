@@ -19,6 +19,23 @@ DEFAULT_NAME = "so8t-resume"
 LINGER_DIR = Path("/var/lib/systemd/linger")
 # Exits that a restart cannot mend: bad config, run not resumable, fenced by another host.
 NO_RESTART_CODES = (2, 4, 5)
+# Settings of the installing shell that decide what the launcher resumes and where models
+# come from: a unit starts with systemd's environment, not the shell's, so they are carried
+# into it (never tokens or URLs with secrets).
+CARRIED_ENV = (
+    "SO8T_EXP_HOME",
+    "SO8T_HOST_ID",
+    "MLFLOW_TRACKING_URI",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "CUDA_VISIBLE_DEVICES",
+)
+
+
+def carried_environment() -> dict[str, str]:
+    """The :data:`CARRIED_ENV` variables set in this process."""
+    return {k: os.environ[k] for k in CARRIED_ENV if os.environ.get(k)}
 
 
 def escape_specifiers(text: str) -> str:
@@ -54,6 +71,7 @@ class UnitSpec:
     log_dir: Path | None = None  # default <root>/logs
     delay_seconds: int = 30
     restart_count: int = 3
+    environment: tuple[tuple[str, str], ...] = ()  # extra variables for the launcher
 
     @property
     def log(self) -> Path:
@@ -77,7 +95,9 @@ def unit_text(spec: UnitSpec) -> str:
     """The unit file: the launcher's output appended to the boot log, each line timestamped
     by the launcher. At shutdown every process of the unit (launcher and trainer, in-process
     or a child) gets SIGTERM and 180 s for the emergency checkpoint."""
-    env = " ".join(quote_word(v) for v in (f"{STAMP_ENV}=1", "PYTHONUNBUFFERED=1", "PYTHONUTF8=1"))
+    variables = [f"{STAMP_ENV}=1", "PYTHONUNBUFFERED=1", "PYTHONUTF8=1"]
+    variables += [f"{k}={v}" for k, v in spec.environment]
+    env = " ".join(quote_word(v) for v in variables)
     lines = [
         "# Written by `python -m so8t_exp.boot install`; `... boot remove` deletes it.",
         "[Unit]",
