@@ -114,7 +114,7 @@ SCENARIOS = (
     "half_claim",
     "stall",
 )
-_TMP_WRITE = re.compile(r"^\.tmp-(rolling|emergency|final)-step\d+-\d+$")
+_TMP_WRITE = re.compile(r"^\.tmp-(rolling|best|emergency|final)-step\d+-\d+$")
 _INTERESTING = re.compile(
     r"WARNING|ERROR|Error|Traceback|skipping|continuing from|nothing to resume|being resumed|"
     r"launching:|give_up|given_up|failed|resum|alive|lost|could not",
