@@ -178,6 +178,7 @@ def test_linux_script_runs_and_fails_when_the_log_cannot_be_written(tmp_path):
     assert out.stdout == "ran\n" and "cannot write the log" in out.stderr
 
 
+@pytest.mark.slow
 def test_launcher_stamps_every_line_and_its_exit(tmp_path, store):
     out = run_script(tmp_path, f"tracking.uri={store}", "resume.dry_run=true")
     assert out.returncode == 0

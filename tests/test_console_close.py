@@ -201,6 +201,7 @@ def _closed_consistently(run_dir: Path, store: str) -> tuple[int, list[str]]:
     return step, names
 
 
+@pytest.mark.slow
 def test_console_close_with_time_for_an_emergency_checkpoint(
     tmp_path, store, compose_cfg, monkeypatch, console, caplog
 ):
@@ -225,6 +226,7 @@ def test_console_close_with_time_for_an_emergency_checkpoint(
     assert line.startswith("console close: emergency checkpoint: last save took ")
 
 
+@pytest.mark.slow
 def test_console_close_without_time_for_it_keeps_the_newest_rolling_one(
     tmp_path, store, compose_cfg, monkeypatch, console, caplog
 ):
@@ -258,6 +260,7 @@ def test_console_close_without_time_for_it_keeps_the_newest_rolling_one(
     assert newest >= 2
 
 
+@pytest.mark.slow
 def test_a_step_longer_than_the_grace_is_closed_for_by_the_handler(
     tmp_path, store, compose_cfg, monkeypatch, console, caplog
 ):

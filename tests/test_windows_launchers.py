@@ -24,7 +24,10 @@ from so8t_exp.boot.task_xml import SYSTEM_SID, parse_task
 from tests.wine_harness import build_wine, missing_tools, read_records, win_path
 
 _MISSING = missing_tools()
-pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"Wine tests: {_MISSING}")
+pytestmark = [
+    pytest.mark.slow,  # Wine and subprocesses: ~90 s
+    pytest.mark.skipif(_MISSING is not None, reason=f"Wine tests: {_MISSING}"),
+]
 
 FOLDERS = {
     "space": "My Projects",
