@@ -148,6 +148,20 @@ def replace_dir(staged: Path, final: Path) -> None:
     rmtree(aside, ignore_errors=True)  # (3) a leftover is removed at the next start
 
 
+def recover_aside(final: Path) -> None:
+    """Tidy what an interrupted :func:`replace_dir` onto ``final`` left: with ``final``
+    missing, the aside copy (complete: only a complete folder is ever set aside) goes back;
+    asides beside an existing ``final`` are deleted."""
+    asides = sorted(final.parent.glob(f"{final.name}{ASIDE_MARK}*"))
+    for aside in asides:
+        if not final.exists():
+            log.warning("restoring %s from %s, left by an interrupted replacement", final, aside)
+            replace(aside, final)
+        else:
+            log.info("removing %s, left by an interrupted replacement", aside)
+            rmtree(aside, ignore_errors=True)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary sibling, fsync, then ``os.replace`` (atomic on NTFS and POSIX).
     Safe to call from several threads at once: each write stages under its own name."""

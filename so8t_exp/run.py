@@ -235,6 +235,7 @@ class TrainingRun(RunEnd):
                 self._loop(stop)
             if stop.requested:
                 return self._stopped(stop, "interrupted", "KILLED", stop.exit_code)
+            stop.completing = True
             self._complete()
             return 0
         except KeyboardInterrupt:

@@ -101,6 +101,8 @@ class RunEnd:
             stop.done()
             return code
         self._close_run(status, mlflow_status, step, stop.grace)
+        if stop.grace is not None:  # the run is closed: a sound or webhook gets no grace
+            stop.done()
         self.notify(
             "interrupted" if status == "interrupted" else "failed",
             f"run {self.tracker.run_id} {status} at step {step or 0}"

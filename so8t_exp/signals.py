@@ -28,6 +28,7 @@ from so8t_exp.shutdown_budget import Grace
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = [s for s in ("SIGINT", "SIGTERM", "SIGHUP", "SIGBREAK") if hasattr(signal, s)]
+_RETIRED_HANDLERS: list = []  # unregistered ctypes callbacks, never freed
 _CLOSE_EVENTS = {2: "close", 5: "logoff", 6: "shutdown"}  # CTRL_*_EVENT
 _WINDOWS = os.name == "nt"  # (a name tests can switch)
 SIGBREAK = getattr(signal, "SIGBREAK", 21)  # (its Windows number, for tests elsewhere)
@@ -47,6 +48,9 @@ class StopRequest:
         self.closer: Callable[[Grace, bool], None] | None = None
         self._close_lock = threading.Lock()
         self.close_claimed = False
+        # The run is completing (final save, export, FINISHED): the handler must not close
+        # it as interrupted meanwhile; if Windows ends the process first, it stays resumable.
+        self.completing = False
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -105,7 +109,7 @@ class StopRequest:
         self.signum = self.signum or SIGBREAK
         if not self._done.wait(max(0.0, grace.left() - shutdown_budget.CLOSE_RESERVE_SECONDS)):
             closer = self.closer
-            if closer is not None and self.claim_close():
+            if closer is not None and not self.completing and self.claim_close():
                 try:
                     closer(grace, self.shielded)
                 except Exception:  # (returning in time matters more than this close)
@@ -124,7 +128,8 @@ class StopRequest:
                 self.on_console_event
             )
         ctypes.windll.kernel32.SetConsoleCtrlHandler(self._console_handler, add)
-        if not add:
+        if not add:  # (a handler thread may still be returning through it: keep it alive)
+            _RETIRED_HANDLERS.append(self._console_handler)
             self._console_handler = None
 
     @property

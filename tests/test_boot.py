@@ -176,7 +176,7 @@ def test_bad_arguments_exit_2_with_one_line(tmp_path, args, message):
 def test_task_xml_carries_any_folder_name(name):
     root = f"C:\\Users\\me\\{name}".replace("/", "\\")
     task = parse_task(task_bytes(TaskSpec(root=root, user="PC\\me")))
-    assert task["Arguments"] == f'"{root}\\launchers\\windows\\run_hidden.vbs"'
+    assert task["Arguments"] == f'//B //Nologo "{root}\\launchers\\windows\\run_hidden.vbs"'
     assert task["WorkingDirectory"] == root
 
 
@@ -245,6 +245,10 @@ def test_last_start_reads_the_newest_start_and_its_end(tmp_path):
     with log.open("a") as fh:
         fh.write("[2026-12-02 08:10:00] resume_at_boot: exit code 0\n")
     assert last_start(log).exit_code == 0
+    with log.open("a", encoding="utf-8") as fh:  # the .bat's own line: cmd's %DATE% %TIME%
+        fh.write("[Thu 12/03/2026 14:00:00.12] resume_at_boot: error: no Python found: ...\n")
+    last = last_start(log)
+    assert last.started == "Thu 12/03/2026 14:00:00.12" and "no Python found" in last.error
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly(tmp_path):

@@ -101,7 +101,8 @@ def test_run_hidden_vbs_runs_the_bat_hidden_waits_and_returns_its_code():
     assert re.search(rf"^WScript\.Quit {run.group(1)}\r?$", text, re.M)
     command = vbs_string(run.group(2), {"here": r"C:\My Projects\so8t\launchers\windows"})
     # cmd /c strips the outer pair of quotes: a path with spaces stays one quoted argument.
-    assert command == r'cmd.exe /d /c ""C:\My Projects\so8t\launchers\windows\resume_at_boot.bat""'
+    bat = r"C:\My Projects\so8t\launchers\windows\resume_at_boot.bat"
+    assert command == f'cmd.exe /d /v:off /c ""{bat}""'
 
 
 # -- the Linux script -------------------------------------------------------------------------

@@ -318,3 +318,17 @@ def test_save_estimate_is_the_last_measured_save(tmp_path: Path):
     assert ckpt.last_write_seconds is not None and ckpt.last_write_seconds > 0
     assert ckpt.save_estimate() == pytest.approx(0.25 + ckpt.last_write_seconds)
     assert ckpt.newest_step() == 1
+
+
+def test_an_interrupted_export_replacement_is_recovered(tmp_path):
+    """``fsutil.recover_aside`` (called before each export): a crash after (1) of
+    ``replace_dir`` left only the aside copy; one after (2) left an aside beside the new."""
+    final = tmp_path / "final_model"
+    aside = tmp_path / f"final_model{fsutil.ASIDE_MARK}123-1"
+    aside.mkdir()
+    (aside / "model.safetensors").write_text("old")
+    fsutil.recover_aside(final)
+    assert (final / "model.safetensors").read_text() == "old" and not aside.exists()
+    aside.mkdir()
+    fsutil.recover_aside(final)
+    assert final.exists() and not aside.exists()

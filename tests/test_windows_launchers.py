@@ -122,13 +122,26 @@ def test_an_unwritable_log_still_runs_and_fails_the_task(wine, tmp_path, record)
     assert code == 4  # the launcher's own failure wins
 
 
-def test_so8t_python_overrides_the_venv(wine, tmp_path, record):
+@pytest.mark.parametrize("quoted", [False, True], ids=["plain", "quoted"])
+def test_so8t_python_and_log_dir_override_the_defaults(wine, tmp_path, record, quoted):
+    """``set SO8T_PYTHON="C:\\py sp\\python.exe"`` (quotes and all) works as well."""
     root = wine.make_project(tmp_path, "R&D (1)")
     bat = root / "launchers" / "windows" / "resume_at_boot.bat"
-    chosen = win_path(wine.bin_dir / "py.exe")
-    wine.run_bat(bat, STANDIN_RECORD=win_path(record), SO8T_PYTHON=chosen)
+    chosen_dir = tmp_path / "py sp"
+    chosen_dir.mkdir()
+    (chosen_dir / "python.exe").write_bytes((wine.bin_dir / "py.exe").read_bytes())
+    logs = tmp_path / "log dir"
+    chosen, log_dir = win_path(chosen_dir / "python.exe"), win_path(logs)
+    if quoted:
+        chosen, log_dir = f'"{chosen}"', f'"{log_dir}"'
+    code, console = wine.run_bat(
+        bat, STANDIN_RECORD=win_path(record), SO8T_PYTHON=chosen, SO8T_LOG_DIR=log_dir
+    )
+    assert code == 0 and console == ""
     (start,) = read_records(record)
-    assert start["exe"] == [chosen] and start["arg"] == ["-m", "so8t_exp.resume"]
+    assert start["exe"] == [win_path(chosen_dir / "python.exe")]
+    assert start["arg"] == ["-m", "so8t_exp.resume"]
+    assert "stand-in out" in (logs / "resume_at_boot.log").read_text(encoding="utf-8")
 
 
 # -- register_boot_task.bat: the same code as `python -m so8t_exp.boot` -------------------------
@@ -194,7 +207,8 @@ def test_install_hands_schtasks_the_xml(wine, tmp_path, record, monkeypatch, cap
     assert task["RestartOnFailure.Count"] == "3"
     assert task["Command"] == "wscript.exe"
     windows_root = PureWindowsPath(root)  # as it reads on Windows
-    assert task["Arguments"] == f'"{windows_root}\\launchers\\windows\\run_hidden.vbs"'
+    vbs = f"{windows_root}\\launchers\\windows\\run_hidden.vbs"
+    assert task["Arguments"] == f'//B //Nologo "{vbs}"'
     assert task["WorkingDirectory"] == str(windows_root)
     if mode == "logon":
         assert task["Trigger"] == "LogonTrigger"
@@ -221,7 +235,7 @@ def test_remove_deletes_only_an_existing_task(wine, tmp_path, record, monkeypatc
     for key, value in wine.env(STANDIN_RECORD=win_path(record), STANDIN_EXIT="1").items():
         monkeypatch.setenv(key, value)
     assert remove(BootConfig(), schtasks_target(wine, root)) == 0  # query fails: none there
-    assert "nothing to remove" in capsys.readouterr().out
+    assert "nothing removed" in capsys.readouterr().out
     monkeypatch.setenv("STANDIN_EXIT", "0")
     record.unlink()
     assert remove(BootConfig(), schtasks_target(wine, root)) == 0

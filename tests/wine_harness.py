@@ -90,7 +90,7 @@ class Wine:
         not VBScript: Wine's VBScript lacks ChrW, and the file must stay ASCII.)"""
         out = self.work / "console.txt"
         out.unlink(missing_ok=True)
-        command = f'cmd.exe /d /c ""{win_path(bat)}" {args} > "{win_path(out)}" 2>&1"'
+        command = f'cmd.exe /d /v:off /c ""{win_path(bat)}" {args} > "{win_path(out)}" 2>&1"'
         wrapper = self.work / "wrapper.js"
         wrapper.write_text(
             'var shell = new ActiveXObject("WScript.Shell");\r\n'

@@ -22,7 +22,7 @@ else
 fi
 
 log_ok=1
-mkdir -p "$log_dir" 2>/dev/null && : >> "$log" 2>/dev/null || log_ok=0
+mkdir -p "$log_dir" 2>/dev/null && : 2>/dev/null >> "$log" || log_ok=0
 if [ "$log_ok" = 0 ]; then
   echo "resume_at_boot: cannot write the log $log: output goes to this console" >&2
 fi

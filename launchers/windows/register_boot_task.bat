@@ -40,10 +40,12 @@ goto :end
 rem The project root from this file's own location, never the current directory.
 for %%I in ("%~dp0..\..") do set "ROOT=%%~fI"
 
-rem SO8T_PYTHON if set, else the project's virtual environment, else the py launcher.
+rem SO8T_PYTHON if set (quotes around it dropped: set VAR="..." is common), else the
+rem project's virtual environment, else the py launcher.
 set "PYARGS="
-set "PYEXE=%SO8T_PYTHON%"
-if defined SO8T_PYTHON goto :run
+set "PYEXE="
+if defined SO8T_PYTHON set "PYEXE=%SO8T_PYTHON:"=%"
+if defined PYEXE goto :run
 set "PYEXE=%ROOT%\.venv\Scripts\python.exe"
 if exist "%PYEXE%" goto :run
 set "PYEXE="

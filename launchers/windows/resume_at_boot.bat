@@ -23,7 +23,7 @@ set "SO8T_STAMP_LINES=1"
 rem The project root from this file's own location, never the current directory.
 for %%I in ("%~dp0..\..") do set "ROOT=%%~fI"
 set "LOGDIR=%ROOT%\logs"
-if defined SO8T_LOG_DIR set "LOGDIR=%SO8T_LOG_DIR%"
+if defined SO8T_LOG_DIR set "LOGDIR=%SO8T_LOG_DIR:"=%"
 set "LOG=%LOGDIR%\resume_at_boot.log"
 if not exist "%LOGDIR%\" mkdir "%LOGDIR%" >nul 2>&1
 rem A command with a redirection that fails does not run: LOGOK stays 0.
@@ -31,10 +31,12 @@ set "LOGOK=0"
 set "LOGOK=1" >> "%LOG%" 2>nul
 if "%LOGOK%"=="0" echo resume_at_boot: cannot write the log "%LOG%": output goes to this console 1>&2
 
-rem SO8T_PYTHON if set, else the project's virtual environment, else the py launcher.
+rem SO8T_PYTHON if set (quotes around it dropped: set VAR="..." is common), else the
+rem project's virtual environment, else the py launcher.
 set "PYARGS="
-set "PYEXE=%SO8T_PYTHON%"
-if defined SO8T_PYTHON goto :run
+set "PYEXE="
+if defined SO8T_PYTHON set "PYEXE=%SO8T_PYTHON:"=%"
+if defined PYEXE goto :run
 set "PYEXE=%ROOT%\.venv\Scripts\python.exe"
 if exist "%PYEXE%" goto :run
 set "PYEXE="

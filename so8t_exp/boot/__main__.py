@@ -26,6 +26,7 @@ from so8t_exp.boot.actions import BootError, Target, definition, install, instal
 from so8t_exp.boot.config import MODES, BootAppConfig, BootConfig
 from so8t_exp.cli_errors import (
     EXIT_BAD_INPUT,
+    EXIT_FAILED,
     EXIT_TRACKING,
     config_error_line,
     config_errors,
@@ -51,9 +52,10 @@ def compose_config(overrides: list[str]) -> DictConfig:
         cfg = compose("boot", overrides=overrides)
     if cfg.boot.mode not in MODES:
         raise ConfigError(f"boot.mode={cfg.boot.mode!r}: must be one of {', '.join(MODES)}")
-    for key in ("delay_seconds", "restart_count"):
-        if cfg.boot[key] < 0:
-            raise ConfigError(f"boot.{key}={cfg.boot[key]}: must be >= 0")
+    # (Task Scheduler's restart count is a byte)
+    for key, top in (("delay_seconds", 86400), ("restart_count", 255)):
+        if not 0 <= cfg.boot[key] <= top:
+            raise ConfigError(f"boot.{key}={cfg.boot[key]}: must be in 0..{top}")
     return cfg
 
 
@@ -101,6 +103,8 @@ def main(argv: list[str] | None = None, target: Target | None = None) -> int:
         return report(config_error_line(err), EXIT_BAD_INPUT)
     except BootError as err:
         return report(str(err), EXIT_BAD_INPUT)
+    except FileNotFoundError as err:  # schtasks (or systemctl) itself is missing
+        return report(str(err), EXIT_FAILED)
 
 
 def cli() -> None:

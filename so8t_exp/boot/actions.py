@@ -160,8 +160,10 @@ def remove(cfg: BootConfig, target: Target) -> int:
     """Undo :func:`install`; nothing installed is not an error."""
     name = target.name(cfg)
     if target.windows:
-        if windows.query(name, target.schtasks) is None:
-            print(f'no Task Scheduler task "{name}": nothing to remove')
+        found, why = windows.query(name, target.schtasks)
+        if found is None:
+            print(f'no Task Scheduler task "{name}" visible here: nothing removed ({why})')
+            print("(a boot.mode=startup task is visible from an elevated prompt only)")
             return EXIT_OK
         out = windows.delete(name, target.schtasks)
         _echo(out.stdout)
@@ -194,8 +196,8 @@ def installed_status(cfg: BootConfig, target: Target) -> bool:
     would write now, and its last start from the boot log; returns whether it is installed."""
     name = target.name(cfg)
     if target.windows:
-        found = windows.query(name, target.schtasks)
-        where = f'Task Scheduler task "{name}"'
+        found, why = windows.query(name, target.schtasks)
+        where = f'Task Scheduler task "{name}"' + (f": {why}" if why else "")
         runs = found and f"{found.get('Command', '?')} {found.get('Arguments', '')}".strip()
         current = found is not None and _same_task(found, cfg, target)
     else:
@@ -222,6 +224,8 @@ def _print_last_start() -> None:
     last = last_start(log)
     if last is None:
         print(f"last start: none logged in {log}")
+    elif last.error:
+        print(f"last start: {last.started}: the launcher did not start: {last.error}")
     elif last.ended is None:
         print(f"last start: {last.started}: no exit logged (still running, or killed)")
     else:
@@ -233,7 +237,9 @@ def _same_task(found: dict[str, str], cfg: BootConfig, target: Target) -> bool:
         wanted = parse_task(task_xml(task_spec(cfg, target)).replace("UTF-16", "UTF-8"))
     except BootError:
         return False
-    return all(found.get(k) == v for k, v in wanted.items() if k in found)
+    # Task Scheduler exports accounts as SIDs, not DOMAIN\\user: those are not compared.
+    ignored = {"UserId", "Trigger.UserId"}
+    return all(found.get(k) == v for k, v in wanted.items() if k in found and k not in ignored)
 
 
 def _definition_or_none(cfg: BootConfig, target: Target) -> str | None:

@@ -27,6 +27,9 @@ LOG_NAME = "resume_at_boot.log"
 START = "resume_at_boot: starting "
 END = "resume_at_boot: exit code "
 _LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\] (.*)$")
+# The scripts' own line when they cannot start the launcher (no Python): stamped by cmd.exe's
+# %DATE% %TIME% on Windows, whose format depends on the locale.
+_SCRIPT_ERROR = re.compile(r"^\[([^\]]+)\] (resume_at_boot: error: .*)$")
 
 
 def log_dir() -> Path:
@@ -43,9 +46,10 @@ class LineStamper:
     """A text stream that writes whole lines, each with a timestamp, to ``stream``.
 
     Both stdout and stderr share one lock, so their lines never interleave mid-line; a
-    partial line waits for its newline (or :meth:`close`)."""
+    partial line waits for its newline (or :meth:`close`). The lock is re-entrant: a signal
+    handler that logs runs on the thread that may be inside :meth:`write`."""
 
-    _lock = threading.Lock()
+    _lock = threading.RLock()
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
@@ -53,7 +57,10 @@ class LineStamper:
 
     def write(self, text: str) -> int:
         with self._lock:
-            *lines, self._partial = (self._partial + text).replace("\r\n", "\n").split("\n")
+            *lines, partial = (self._partial + text).replace("\r\n", "\n").split("\n")
+            # A progress bar redraws with \r and no newline for hours: keep its last frame
+            # only, or the partial line grows without end.
+            self._partial = partial.rsplit("\r", 1)[-1]
             for line in lines:
                 # A progress bar redraws with \r: the log keeps what it last showed.
                 self._stream.write(stamp() + line.rsplit("\r", 1)[-1] + "\n")
@@ -93,6 +100,9 @@ def stamped_output(command: str) -> Iterator[None]:
     except SystemExit as exit_:
         code = exit_.code
         raise
+    except KeyboardInterrupt:
+        code = 130  # as the shell reports a Ctrl-C
+        raise
     finally:
         code = 0 if code is None else code if isinstance(code, int) else 1
         print(f"{END}{code}")
@@ -110,6 +120,7 @@ class LastStart:
     command: str
     ended: str | None = None
     exit_code: int | None = None
+    error: str | None = None  # the script could not start the launcher: its message
 
 
 def last_start(path: Path) -> LastStart | None:
@@ -120,6 +131,11 @@ def last_start(path: Path) -> LastStart | None:
         return None
     found: LastStart | None = None
     for line in text.splitlines():
+        failed = _SCRIPT_ERROR.match(line)
+        if failed:
+            when, message = failed.groups()
+            found = LastStart(started=when, command="", ended=when, error=message)
+            continue
         match = _LINE.match(line)
         if not match:
             continue

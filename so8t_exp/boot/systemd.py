@@ -17,8 +17,9 @@ from so8t_exp.boot.boot_log import LOG_NAME, STAMP_ENV
 
 DEFAULT_NAME = "so8t-resume"
 LINGER_DIR = Path("/var/lib/systemd/linger")
-# Exits that a restart cannot mend: bad config, run not resumable, fenced by another host.
-NO_RESTART_CODES = (2, 4, 5)
+# Exits that a restart cannot mend: bad config, locked by a live process, run not resumable,
+# fenced by another host, run missing from the store.
+NO_RESTART_CODES = (2, 3, 4, 5, 7)
 # Settings of the installing shell that decide what the launcher resumes and where models
 # come from: a unit starts with systemd's environment, not the shell's, so they are carried
 # into it (never tokens or URLs with secrets).
@@ -94,10 +95,11 @@ class UnitSpec:
 def unit_text(spec: UnitSpec) -> str:
     """The unit file: the launcher's output appended to the boot log, each line timestamped
     by the launcher. At shutdown every process of the unit (launcher and trainer, in-process
-    or a child) gets SIGTERM and 180 s for the emergency checkpoint."""
+    or a child) gets SIGTERM and up to 180 s for the emergency checkpoint — less where the
+    user manager itself is stopped first (``user@.service``: 120 s on Debian)."""
     variables = [f"{STAMP_ENV}=1", "PYTHONUNBUFFERED=1", "PYTHONUTF8=1"]
     variables += [f"{k}={v}" for k, v in spec.environment]
-    env = " ".join(quote_word(v) for v in variables)
+    env = " ".join(quote_word(v, variables=False) for v in variables)  # ($ is literal here)
     lines = [
         "# Written by `python -m so8t_exp.boot install`; `... boot remove` deletes it.",
         "[Unit]",
@@ -113,6 +115,8 @@ def unit_text(spec: UnitSpec) -> str:
     ]
     if spec.delay_seconds > 0:
         lines.append(f"ExecStartPre=sleep {spec.delay_seconds}")
+        # The sleep counts against the start timeout (90 s by default).
+        lines.append(f"TimeoutStartSec={spec.delay_seconds + 120}")
     lines += [
         f"ExecStart={spec.exec_start}",
         f"StandardOutput=append:{plain_value(spec.log)}",

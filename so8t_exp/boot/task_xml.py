@@ -38,8 +38,9 @@ class TaskSpec:
     @property
     def arguments(self) -> str:
         # wscript.exe takes the script path as one argument: quoted, it may hold spaces; a
-        # Windows path cannot hold a double quote, so no escaping is needed inside.
-        return f'"{self.script}"'
+        # Windows path cannot hold a double quote, so no escaping is needed inside. //B: a
+        # script error is logged, never a dialog that would hold a hidden task forever.
+        return f'//B //Nologo "{self.script}"'
 
 
 def task_xml(spec: TaskSpec) -> str:

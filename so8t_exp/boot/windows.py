@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -43,15 +44,21 @@ def expanded_names(root: str) -> list[str]:
 def run_schtasks(
     schtasks: Sequence[str], *args: str, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """``schtasks ARGS``; its output is text in the console's code page: decoded leniently."""
-    return subprocess.run(
-        [*schtasks, *args],
-        capture_output=True,
-        text=True,
-        errors="replace",
-        timeout=120,
-        cwd=cwd,
-    )
+    """``schtasks ARGS``. Into a pipe it writes the OEM code page (Windows), decoded
+    leniently; a missing ``schtasks`` is a :class:`FileNotFoundError` naming it."""
+    encoding = "oem" if sys.platform == "win32" else None
+    try:
+        return subprocess.run(
+            [*schtasks, *args],
+            capture_output=True,
+            encoding=encoding,
+            text=True,
+            errors="replace",
+            timeout=120,
+            cwd=cwd,
+        )
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{schtasks[0]} not found: Task Scheduler is needed") from err
 
 
 def register(
@@ -66,16 +73,19 @@ def register(
     )
 
 
-def query(task: str, schtasks: Sequence[str]) -> dict[str, str] | None:
-    """The registered task's settings and action, or None when there is no such task."""
+def query(task: str, schtasks: Sequence[str]) -> tuple[dict[str, str] | None, str]:
+    """``(settings and action of the registered task, "")``, or ``(None, schtasks' own
+    words)`` when it shows no such task to this user (a SYSTEM task is visible from an
+    elevated prompt only; schtasks' message is localised, so it is shown, not parsed)."""
     out = run_schtasks(schtasks, "/Query", "/TN", task, "/XML")
     if out.returncode != 0:
-        return None
+        return None, " ".join((out.stderr or out.stdout or "").split())
     start = out.stdout.find("<")
     try:
-        return parse_task(out.stdout[start:].encode("utf-8").replace(b'"UTF-16"', b'"UTF-8"'))
+        xml = out.stdout[start:].encode("utf-8").replace(b'"UTF-16"', b'"UTF-8"')
+        return parse_task(xml), ""
     except Exception:  # an unreadable answer still means "installed"
-        return {}
+        return {}, ""
 
 
 def delete(task: str, schtasks: Sequence[str]) -> subprocess.CompletedProcess[str]:

@@ -22,6 +22,7 @@ RUNTIME_FILE = Path(runtime.__file__).name  # so8t_safety_head.py
 def write_export(out: Path, model, tokenizer, head, dtype: str, provenance: dict) -> Path:
     """``out`` as a folder ``AutoModelForCausalLM.from_pretrained`` loads; replaces an
     existing export only once the new one is complete."""
+    fsutil.recover_aside(out)  # (a crash in the last export's replacement)
     tmp = temp_sibling(out)
     tmp.mkdir(parents=True)
     try:
