@@ -211,15 +211,18 @@ def _run_child(cmd: list[str], env: dict[str, str] | None) -> int:
         errors="replace",
         bufsize=1,
     )
-    # Ctrl-C reaches the trainer too, which stops cleanly; the launcher stays to report
-    # how it ended instead of dying first with a traceback.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C, and systemd's SIGTERM to the unit's every process at shutdown, reach the
+    # trainer too, which stops cleanly; the launcher stays to pass on its last lines and
+    # report how it ended instead of dying first (the trainer would write into a dead pipe).
+    ignored = [getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n)]
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in ignored}
     try:
         for line in proc.stdout:
             sys.stdout.write(line)
         code = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell
 
 
