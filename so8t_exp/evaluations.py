@@ -8,6 +8,7 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+from so8t_exp import trial_link
 from so8t_exp.confusion import write_confusion
 from so8t_exp.evaluate import evaluate
 
@@ -48,10 +49,16 @@ class Evaluations:
     """The run's evaluations over its validation batches, every
     ``trainer.eval_every_n_steps`` and at the last step."""
 
-    def __init__(self, cfg, val_batches: list[dict], log_metrics: Callable) -> None:
+    def __init__(
+        self, cfg, val_batches: list[dict], log_metrics: Callable, session_dir: Path | None = None
+    ) -> None:
         self.every, self.last = cfg.trainer.eval_every_n_steps, cfg.trainer.max_steps
         self.val_batches, self.log_metrics = val_batches, log_metrics
         self.best = BestMetric(cfg.checkpoint.best_metric, cfg.checkpoint.best_mode)
+        # An Optuna trial of a sweep (so8t_exp.sweeper): each evaluation is reported to it,
+        # and it may prune the run (then the loop stops and the run completes early).
+        self.trial = trial_link.current(session_dir) if session_dir else None
+        self.pruned = False
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.last
@@ -72,6 +79,9 @@ class Evaluations:
         p.last_eval_step = p.step
         p.confusion = result.confusion or p.confusion
         self.log_metrics(result.metrics, p.step)
+        if self.trial is not None and self.trial.report(result.metrics, p.step):
+            log.info("trial pruned at step %d by the sweep's pruner", p.step)
+            self.pruned = True
         return self.best.improved(result.metrics, p)
 
     @staticmethod

@@ -177,7 +177,9 @@ class TrainingRun(RunEnd):
         built = build.build_training(self.cfg, self.source, self.dataset, device, precision)
         trainer = built.trainer
         self.tokenizer = built.tokenizer
-        self.evals = Evaluations(self.cfg, built.val_batches, self.tracker.log_metrics)
+        self.evals = Evaluations(
+            self.cfg, built.val_batches, self.tracker.log_metrics, self.session_dir
+        )
         self.tracker.safely(
             "log params", self.tracker.log_params, {"data.too_long_records": built.too_long}
         )
@@ -261,7 +263,8 @@ class TrainingRun(RunEnd):
         if self.evals.missed(p):
             self._evaluate()
         lease = self.tracker.lease
-        while p.step < t.max_steps and not stop.requested:
+        # (a sweep's pruner may end the run early: it then completes at this step)
+        while p.step < t.max_steps and not stop.requested and not self.evals.pruned:
             if lease.fenced:
                 raise Fenced(lease.reason)
             metrics = self.trainer.train_step()

@@ -1,0 +1,123 @@
+"""A resumable Optuna sweep over Hydra jobs: ``python -m so8t_exp.train -m hparams_search=X``.
+
+One trial at a time, ask/tell. Killed anywhere, the same command continues: the trials
+left RUNNING are finished first, each in its own job folder (``<sweep dir>/<number>``),
+where the trainer resumes its own checkpoints and MLflow run; then new trials are asked
+until ``n_trials`` are finished (COMPLETE, PRUNED or FAIL). Samplers are seeded per trial
+number, so the values equal those of an uninterrupted sweep (see :mod:`.study`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.utils import JobStatus
+from omegaconf import OmegaConf
+from optuna.trial import FrozenTrial, TrialState
+
+from so8t_exp import trial_link
+from so8t_exp.sweeper import report
+from so8t_exp.sweeper.space import SearchSpace, search_space
+from so8t_exp.sweeper.study import lock_sweep, open_study, sampler_for
+
+log = logging.getLogger(__name__)
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def run_sweep(sweeper, arguments: list[str]) -> Any:
+    """The sweep of :class:`hydra_plugins.so8t_sweeper.so8t_sweeper.So8tOptunaSweeper`."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sweep_dir = Path(sweeper.config.hydra.sweep.dir).resolve()
+    lock = lock_sweep(sweep_dir)
+    try:
+        space = search_space(sweeper.params, arguments)
+        study = open_study(sweeper, space)
+        runner = TrialRunner(sweeper, study, space, sweep_dir)
+        # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
+        #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
+        for frozen in sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number):
+            runner.run(frozen)
+        # 2) new trials until n_trials are finished
+        while len(_trials(study, *FINISHED)) < sweeper.n_trials:
+            runner.run(None)
+        return report.finish(study, sweep_dir, runner.parent)
+    finally:
+        lock.release()
+
+
+def _trials(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
+    return study.get_trials(deepcopy=False, states=states)
+
+
+class TrialRunner:
+    """Runs one trial (new or interrupted) as a Hydra job and tells Optuna how it ended."""
+
+    def __init__(self, sweeper, study: optuna.Study, space: SearchSpace, sweep_dir: Path) -> None:
+        self.sweeper, self.study, self.space, self.sweep_dir = sweeper, study, space, sweep_dir
+        self.failures = len(_trials(study, TrialState.FAIL))
+        self.parent: report.Parent | None = None
+
+    def run(self, frozen: FrozenTrial | None) -> None:
+        sw, study = self.sweeper, self.study
+        number = frozen.number if frozen else len(study.get_trials(deepcopy=False))
+        study.sampler = sampler_for(sw.seed, number, sw.sampler_kwargs)
+        if frozen is None:
+            trial = study.ask(self.space.distributions)
+            if trial.number != number:  # (a WAITING trial from enqueue_trial, or a 2nd sweeper)
+                raise RuntimeError(f"asked for trial {number}, got {trial.number}")
+        else:  # re-attach: stored values come back; a kill mid-suggest samples the rest
+            trial = optuna.trial.Trial(study, frozen._trial_id)
+            for name, dist in self.space.distributions.items():
+                trial._suggest(name, dist)
+        job_dir = self.sweep_dir / str(number)
+        done = trial_link.read_result(job_dir)
+        if done is not None and done.get("state") == "PRUNED":  # pruned, then killed
+            self._tell(trial, job_dir, TrialState.PRUNED, None)
+            return
+        log.info("trial %d%s: %s", number, " (resumed)" if frozen else "", trial.params)
+        overrides = self.space.overrides(trial.params)
+        link = trial_link.TrialLink(trial, sw.objective, job_dir, sw.pruner_kwargs is not None)
+        sw.validate_batch_is_legal([overrides])
+        trial_link.attach(link)
+        try:  # same number: same folder, same hydra.job.num, so the same session and run
+            ret = sw.launcher.launch([overrides], initial_job_idx=number)[0]
+        finally:  # (a SystemExit from a signal passes: the trial stays RUNNING, resumable)
+            trial_link.detach()
+        if ret.status != JobStatus.COMPLETED or ret.return_value not in (0, None):
+            self._fail(trial, job_dir, ret)
+        elif link.pruned:
+            self._tell(trial, job_dir, TrialState.PRUNED, None)
+        else:
+            value = link.final_value
+            if value is None:  # trained by an earlier process that died before the tell:
+                steps = study._storage.get_trial(trial._trial_id).intermediate_values
+                value = steps[max(steps)] if steps else None  # its last evaluation is stored
+            if value is None:
+                log.error("trial %d: no %s from its evaluations", number, sw.objective)
+                self._tell(trial, job_dir, TrialState.FAIL, None)
+            else:
+                self._tell(trial, job_dir, TrialState.COMPLETE, value)
+
+    def _fail(self, trial, job_dir: Path, ret) -> None:
+        # (_return_value: the exception of a failed job, the exit code of a returned one;
+        # the return_value property would re-raise the exception)
+        log.error("trial %d failed (%s)", trial.number, ret._return_value)
+        self._tell(trial, job_dir, TrialState.FAIL, None)
+        self.failures += 1
+        if self.failures > self.sweeper.max_failures:
+            raise RuntimeError(
+                f"{self.failures} failed trials (hydra.sweeper.max_failures="
+                f"{self.sweeper.max_failures}); see {job_dir}"
+            )
+
+    def _tell(self, trial, job_dir: Path, state: TrialState, value: float | None) -> None:
+        trial.set_user_attr("job_dir", job_dir.as_posix())
+        values = None if state != TrialState.COMPLETE else value
+        frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
+        log.info("trial %d: %s %s", trial.number, frozen.state.name, frozen.value)
+        uri = OmegaConf.select(self.sweeper.config, "tracking.uri")
+        self.parent = report.trial_ended(self.study, frozen, job_dir, uri) or self.parent

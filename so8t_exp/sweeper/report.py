@@ -1,0 +1,98 @@
+"""What a sweep leaves in MLflow and in its folder: each trial's child run tagged with its
+trial, the parent run with the best trial and the objective's history, and
+``optimization_results.yaml`` in the sweep folder. Tracking trouble is logged, never fatal:
+the study in Optuna's storage is the record that counts."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from so8t_exp.tracking import resolve_tracking_uri
+from so8t_exp.tracking.sweep import SweepJob
+
+log = logging.getLogger(__name__)
+
+TRIAL_NUMBER, TRIAL_STATE, STUDY = "optuna.trial.number", "optuna.trial.state", "optuna.study"
+RESULTS_FILE = "optimization_results.yaml"
+
+
+@dataclass
+class Parent:
+    uri: str
+    run_id: str
+
+
+def _child_run_id(job_dir: Path) -> str | None:
+    try:
+        return json.loads((job_dir / "session_info.json").read_text(encoding="utf-8"))["session_id"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def trial_ended(
+    study: optuna.Study, trial: FrozenTrial, job_dir: Path, uri: str | None
+) -> Parent | None:
+    """Tag the trial's child run; log the objective and the best trial on the parent."""
+    from mlflow.tracking import MlflowClient
+
+    uri = resolve_tracking_uri(uri)
+    job = SweepJob.read(job_dir / ".hydra")
+    try:
+        client = MlflowClient(uri)
+        child = _child_run_id(job_dir)
+        if child is not None:
+            tags = {STUDY: study.study_name, TRIAL_NUMBER: str(trial.number)}
+            tags[TRIAL_STATE] = trial.state.name
+            tags.update({f"optuna.param.{k}": repr(v) for k, v in trial.params.items()})
+            for key, value in tags.items():
+                client.set_tag(child, key, value)
+        if job is None:
+            return None
+        parent = Parent(uri, job.parent_run_id)
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            client.log_metric(parent.run_id, "sweep/objective", trial.value, step=trial.number)
+        _log_best(client, parent.run_id, study)
+        return parent
+    except Exception as err:  # (the study is the record; MLflow is the view)
+        log.warning("could not record trial %d in MLflow: %s", trial.number, err)
+        return None
+
+
+def _log_best(client, run_id: str, study: optuna.Study) -> None:
+    try:
+        best = study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return
+    client.set_tag(run_id, "so8t.sweep.best_trial", str(best.number))
+    client.set_tag(run_id, "so8t.sweep.best_params", json.dumps(best.params))
+    client.log_metric(run_id, "sweep/best_value", float(best.value), step=best.number)
+
+
+def finish(study: optuna.Study, sweep_dir: Path, parent: Parent | None) -> dict:
+    """Write ``optimization_results.yaml`` (best trial, states) into the sweep folder."""
+    trials = study.get_trials(deepcopy=False)
+    states = {s.name: sum(t.state == s for t in trials) for s in TrialState}
+    results: dict = {"study": study.study_name, "trials": {k: v for k, v in states.items() if v}}
+    try:
+        best = study.best_trial
+        results.update(best_trial=best.number, best_value=best.value, best_params=best.params)
+    except ValueError:
+        results["best_trial"] = None
+    path = sweep_dir / RESULTS_FILE
+    path.write_text(yaml.safe_dump(results, sort_keys=False), encoding="utf-8")
+    log.info("sweep done: %s", results)
+    if parent is not None:
+        try:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(parent.uri).log_artifact(parent.run_id, str(path))
+        except Exception as err:
+            log.warning("could not attach %s to the sweep run: %s", path, err)
+    return results
