@@ -139,3 +139,32 @@ def test_killed_sweep_continues_exactly(tmp_path: Path):
     assert json.loads(json.dumps(done[1].intermediate_values)) == json.loads(
         json.dumps(trials(reference)[1].intermediate_values)
     )
+
+
+def test_pruned_trial_stops_early_and_stays_pruned(tmp_path: Path):
+    home = tmp_path / "home"
+    home.mkdir()
+    # One completed trial is enough for the median; with seed 42, trial 1's first
+    # evaluation (step 3 of 6) is worse than trial 0's: it is pruned there.
+    cmd = sweep_cmd(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1")
+
+    def go() -> subprocess.CompletedProcess:
+        env = subprocess_env(home)
+        return subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=600)
+
+    out = go()
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = trials(home)
+    assert [t.state for t in done] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert list(done[1].intermediate_values) == [3]
+    job = home / "multirun" / "sweeps" / STUDY / "1"
+    assert session_info(job)["current_step"] == 3
+    assert json.loads((job / "trial_result.json").read_text())["state"] == "PRUNED"
+    _, children = mlflow_runs(home)
+    by_trial = {c.data.tags["optuna.trial.number"]: c for c in children}
+    assert by_trial["1"].data.tags["optuna.trial.state"] == "PRUNED"
+    # again: nothing to do, the pruned trial is not trained on
+    out = go()
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [t.state for t in trials(home)] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert session_info(job)["current_step"] == 3
