@@ -93,9 +93,10 @@ class TrialRunner:
             self._tell(trial, job_dir, TrialState.PRUNED, None)
         else:
             value = link.final_value
-            if value is None:  # trained by an earlier process that died before the tell:
-                steps = study._storage.get_trial(trial._trial_id).intermediate_values
-                value = steps[max(steps)] if steps else None  # its last evaluation is stored
+            if value is None:  # trained to the end by an earlier process (died before the
+                # tell) or by the resume launcher: its last evaluation is in its MLflow run
+                metrics = report.final_metrics(job_dir, self._uri())
+                value = trial_link.objective_value(metrics or {}, sw.objective)
             if value is None:
                 log.error("trial %d: no %s from its evaluations", number, sw.objective)
                 self._tell(trial, job_dir, TrialState.FAIL, None)
@@ -119,5 +120,7 @@ class TrialRunner:
         values = None if state != TrialState.COMPLETE else value
         frozen = self.study.tell(trial, values, state=state, skip_if_finished=True)
         log.info("trial %d: %s %s", trial.number, frozen.state.name, frozen.value)
-        uri = OmegaConf.select(self.sweeper.config, "tracking.uri")
-        self.parent = report.trial_ended(self.study, frozen, job_dir, uri) or self.parent
+        self.parent = report.trial_ended(self.study, frozen, job_dir, self._uri()) or self.parent
+
+    def _uri(self) -> str | None:
+        return OmegaConf.select(self.sweeper.config, "tracking.uri")

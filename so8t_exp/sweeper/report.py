@@ -36,6 +36,22 @@ def _child_run_id(job_dir: Path) -> str | None:
         return None
 
 
+def final_metrics(job_dir: Path, uri: str | None) -> dict[str, float] | None:
+    """The latest value of each metric of the trial's child run: the last evaluation of a
+    trial trained to the end by an earlier process (or by ``so8t_exp.resume``), which this
+    sweeper never saw."""
+    from mlflow.tracking import MlflowClient
+
+    run_id = _child_run_id(job_dir)
+    if run_id is None:
+        return None
+    try:
+        return dict(MlflowClient(resolve_tracking_uri(uri)).get_run(run_id).data.metrics)
+    except Exception as err:
+        log.warning("could not read the metrics of run %s: %s", run_id, err)
+        return None
+
+
 def trial_ended(
     study: optuna.Study, trial: FrozenTrial, job_dir: Path, uri: str | None
 ) -> Parent | None:
