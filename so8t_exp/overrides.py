@@ -20,3 +20,17 @@ def quoted(value: str) -> str:
 def override(key: str, value: str) -> str:
     """``key='value'``, quoted for Hydra."""
     return f"{key}={quoted(value)}"
+
+
+def compose(config_name: str, overrides: list[str]):
+    """The primary config ``conf/<config_name>.yaml`` with ``overrides``, composed outside
+    ``@hydra.main`` (the commands with sub-commands: sessions, boot)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from so8t_exp.paths import config_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name, overrides=overrides)

@@ -36,7 +36,7 @@ from so8t_exp.cli_errors import (
 from so8t_exp.config import ResumeConfig, validate_resume
 from so8t_exp.host import host_id
 from so8t_exp.launcher import judge
-from so8t_exp.paths import config_dir
+from so8t_exp.overrides import compose
 from so8t_exp.progress_log import newest, tail
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.errors import TrackingUnavailable, check_store, is_missing
@@ -151,12 +151,7 @@ _USAGE = "python -m so8t_exp.sessions [list | show RUN_ID | abandon RUN_ID] [key
 
 def compose_config(overrides: list[str], legacy: dict[str, list[str]]) -> DictConfig:
     """``conf/resume.yaml`` with the overrides, checked as the launcher checks it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("resume", overrides=overrides)
+    cfg = compose("resume", overrides)
     if "tracking.uri" in legacy:
         cfg.tracking.uri = legacy["tracking.uri"][-1]
     if "resume.experiments" in legacy:

@@ -34,7 +34,7 @@ from so8t_exp.cli_errors import (
     report,
 )
 from so8t_exp.config_checks import ConfigError
-from so8t_exp.paths import config_dir
+from so8t_exp.overrides import compose
 
 ACTIONS = ("install", "status", "remove", "print")
 _USAGE = "python -m so8t_exp.boot install | status | remove | print [key=value ...]"
@@ -42,14 +42,10 @@ _USAGE = "python -m so8t_exp.boot install | status | remove | print [key=value .
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """``conf/boot.yaml`` with the overrides, checked."""
-    from hydra import compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
-    from hydra.core.global_hydra import GlobalHydra
 
     ConfigStore.instance().store(name="boot_schema", node=BootAppConfig)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose("boot", overrides=overrides)
+    cfg = compose("boot", overrides)
     if cfg.boot.mode not in MODES:
         raise ConfigError(f"boot.mode={cfg.boot.mode!r}: must be one of {', '.join(MODES)}")
     # (Task Scheduler's restart count is a byte)

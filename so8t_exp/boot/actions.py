@@ -65,7 +65,7 @@ def unit_spec(cfg: BootConfig, target: Target) -> systemd.UnitSpec:
     if cfg.mode != "logon":
         raise BootError(
             "boot.mode=startup is for Windows; on Linux the user unit starts at boot once "
-            f"lingering is on: loginctl enable-linger {systemd._user()}"
+            f"lingering is on: {systemd.linger_command()}"
         )
     return systemd.UnitSpec(
         root=target.root,
@@ -124,7 +124,7 @@ def _print_linger() -> None:
     else:
         print(
             "lingering is off: the unit starts when this user logs in; to start it at boot:\n"
-            f"  loginctl enable-linger {systemd._user()}"
+            f"  {systemd.linger_command()}"
         )
 
 

@@ -152,14 +152,19 @@ def systemctl(*args: str) -> subprocess.CompletedProcess[str] | None:
 
 def lingering(user: str | None = None) -> bool:
     """Whether the user's systemd starts at boot (``loginctl enable-linger``), not at login."""
-    user = user or _user()
+    user = user or user_name()
     return (LINGER_DIR / user).exists()
 
 
-def _user() -> str:
+def user_name() -> str:
     import getpass
 
     return getpass.getuser()
+
+
+def linger_command() -> str:
+    """What makes this user's systemd (and so the unit) start at boot, not at login."""
+    return f"loginctl enable-linger {shlex.quote(user_name())}"
 
 
 def manual_commands(unit: str) -> list[str]:
@@ -167,5 +172,5 @@ def manual_commands(unit: str) -> list[str]:
     return [
         "systemctl --user daemon-reload",
         f"systemctl --user enable {shlex.quote(unit)}",
-        f"loginctl enable-linger {shlex.quote(_user())}   # start at boot, not only at login",
+        f"{linger_command()}   # start at boot, not only at login",
     ]
