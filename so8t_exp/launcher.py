@@ -20,6 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import TextIO
 
+from so8t_exp import sweep_resume
+from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.config import ResumeConfig
 from so8t_exp.host import host_id
 from so8t_exp.lock import SessionLock, SessionLocked
@@ -74,13 +76,23 @@ class Launcher:
         is clear that it will not (dead)."""
         if self.cfg.run_id:
             runs = [self.registry.get(self.cfg.run_id)]
+            if runs[0].is_sweep_parent:  # (its trials tell whether the sweep progresses)
+                runs += self.registry.runs([runs[0].experiment])
         else:
-            runs = self.registry.runs(self.experiments)
-        out = [judge(run, self.cfg, watch=self.watch.unchanged_for) for run in runs]
+            runs = self.registry.runs(self.experiments, sweeps=True)
+        out = [self._judge(run, runs) for run in runs]
+        if self.cfg.run_id:
+            out = out[:1]
         if not self.cfg.dry_run:
             out = self._watched(out)
         self.watch.save()
         return out
+
+    def _judge(self, run: RunRecord, runs: list[RunRecord], lock_held: bool = False) -> Decision:
+        trials = sweep_resume.trials_of(run, runs) if run.is_sweep_parent else None
+        return judge(
+            run, self.cfg, lock_held=lock_held, watch=self.watch.unchanged_for, trials=trials
+        )
 
     def _watched(self, decisions: list[Decision]) -> list[Decision]:
         waiting = [d for d in decisions if d.action == "watch"]
@@ -123,6 +135,8 @@ class Launcher:
     def resume(self, decision: Decision) -> int | None:
         """Claim and relaunch; the trainer's exit code, or None if another launcher won."""
         run = decision.run
+        if run.is_sweep_parent:
+            return self.resume_sweep(decision)
         folder = session_folder(run)
         lock = SessionLock(folder)
         try:
@@ -151,6 +165,28 @@ class Launcher:
         finally:
             lock.release()
         return self.launch(run, self.relaunch_overrides(run, folder), claim)
+
+    def resume_sweep(self, decision: Decision) -> int | None:
+        """Run the sweep's command again, in a child process: its exit code, or None when
+        another sweeper holds the sweep (two launchers at once continue it once)."""
+        run, folder = decision.run, sweep_resume.sweep_folder(decision.run)
+        why = sweep_resume.settled(self.registry.get(run.run_id))
+        if why is not None:
+            log.info("sweep %s: %s", run.run_id, why)
+            return None
+        self.registry.set_tags(
+            run.run_id, {ATTEMPTS: decision.attempt, LAST_STEP: decision.progress}
+        )
+        cmd = [
+            sys.executable,
+            "-m",
+            "so8t_exp.train",
+            *sweep_resume.command(run, self.registry.uri),
+        ]
+        log.info("continuing sweep %s: %s", run.name, " ".join(_masked(cmd)))
+        with _tee_output(self.cfg.log_dir and Path(self.cfg.log_dir) or folder / "resume_logs"):
+            code = _run_child(cmd, None)
+        return None if code == EXIT_LOCKED else code
 
     def relaunch_overrides(self, run: RunRecord, folder: Path | None = None) -> list[str]:
         recorded = [

@@ -92,6 +92,20 @@ class SessionLock:
         self.release()
 
 
+_HELD: dict[Path, SessionLock] = {}
+
+
+def hold(folder: Path, purpose: str) -> SessionLock:
+    """This process's lock of ``folder``, taken once: a later call from another part of the
+    same process (a sweep's callback, then its sweeper) gets the same lock back instead of
+    failing on it. :class:`SessionLocked` when another process holds it."""
+    key = folder.resolve()
+    lock = _HELD.get(key)
+    if lock is None or not lock.held:
+        lock = _HELD[key] = SessionLock(key).acquire(purpose=purpose)
+    return lock
+
+
 def is_locked(folder: Path) -> bool:
     """True if a live process holds ``folder``'s lock (checked by trying to take it)."""
     path = folder / LOCK_FILE

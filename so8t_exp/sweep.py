@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,19 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
+
+
+def _lock_study_sweep(sweep_dir: Path) -> None:
+    """An Optuna sweep's folder lock, taken before its parent run is touched: a second
+    sweeper of the same study stops here (exit 3) and leaves the live sweep's run alone."""
+    from so8t_exp.cli_errors import EXIT_LOCKED
+    from so8t_exp.lock import SessionLocked, hold
+
+    try:
+        hold(sweep_dir, "sweep")
+    except SessionLocked as err:
+        print(f"error: another sweeper is running this sweep: {err}", file=sys.stderr)
+        sys.exit(EXIT_LOCKED)
 
 
 class SweepParent(Callback):
@@ -36,6 +50,8 @@ class SweepParent(Callback):
         from so8t_exp.tracking.sweep import open_parent  # mlflow loads with the sweep only
 
         self.uri = config.tracking.uri
+        if OmegaConf.select(config, "hydra.sweeper.study_name"):
+            _lock_study_sweep(Path(config.hydra.sweep.dir))
         overrides = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
         try:
             run = open_parent(
@@ -60,6 +76,7 @@ class SweepParent(Callback):
             num=int(hc.job.num),
             overrides=[str(o) for o in hc.overrides.task],
             sweep_dir=str(Path(hc.sweep.dir).resolve()),
+            study=OmegaConf.select(hc, "sweeper.study_name"),
         ).write(Path(hc.runtime.output_dir) / hc.output_subdir)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:

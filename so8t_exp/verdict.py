@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from so8t_exp import sweep_resume
 from so8t_exp.config import ResumeConfig
 from so8t_exp.fsutil import atomic_write_json
 from so8t_exp.host import host_id
@@ -38,6 +39,7 @@ class Decision:
     action: str  # resume | skip | give_up | expire | watch (not judged yet: being watched)
     reason: str
     attempt: int = 0  # consecutive attempts without progress, counting this one
+    progress: int | None = None  # what "progress" counted (None: the newest checkpoint step)
 
     @property
     def state(self) -> str:
@@ -127,11 +129,15 @@ def judge(
     now: float | None = None,
     lock_held: bool = False,
     watch: Callable[[RunRecord], float] | None = None,
+    trials: list[RunRecord] | None = None,
 ) -> Decision:
     """What the launcher would do with ``run``. ``lock_held``: this process holds the
     session lock already (so it is not alive); ``watch``: seconds this host has seen the
-    heartbeat unchanged (None: no watcher, so the heartbeat's own time is compared)."""
+    heartbeat unchanged (None: no watcher, so the heartbeat's own time is compared);
+    ``trials``: for an Optuna sweep's parent, its trials' runs (:mod:`.sweep_resume`)."""
     now = now or time.time()
+    if run.is_sweep_parent and sweep_resume.is_study_sweep(run.tags):
+        return _judge_sweep(run, cfg, trials or [])
     settled = _settled(run) or _alive(run, cfg, now, lock_held, watch)
     if settled is not None:
         return settled
@@ -157,6 +163,8 @@ def _settled(run: RunRecord) -> Decision | None:
         return Decision(run, "skip", "finished")
     if run.is_sweep_parent:
         return Decision(run, "skip", "a sweep's parent run, not a session")
+    if sweep_resume.is_study_sweep(run.tags):
+        return Decision(run, "skip", sweep_resume.trial_reason(run))
     if run.tags.get(GIVEN_UP):
         return Decision(run, "skip", f"given up ({run.tags[GIVEN_UP]})")
     if run.tags.get(EXPIRED):
@@ -187,19 +195,41 @@ def _alive(
     return None
 
 
-def _attempt(run: RunRecord, cfg: ResumeConfig) -> Decision:
-    progressed = progress_step(run) > int(run.tag_float(LAST_STEP, -1))
+def _judge_sweep(parent: RunRecord, cfg: ResumeConfig, trials: list[RunRecord]) -> Decision:
+    why = sweep_resume.settled(parent)
+    if why is not None:
+        return Decision(parent, "skip", why)
+    why = sweep_resume.expired(parent, trials, cfg)
+    if why is not None:
+        return Decision(parent, "expire", why)
+    done = sweep_resume.describe_progress(parent)
+    attempt = _attempts(parent, cfg, sweep_resume.progress(parent, trials), done)
+    if attempt.action == "resume":
+        attempt.reason = f"sweep, {parent.status.lower()}, dead, {done} finished"
+    return attempt
+
+
+def _attempts(run: RunRecord, cfg: ResumeConfig, progress: int, where: str) -> Decision:
+    """The next attempt, or giving up after ``resume.max_attempts`` without progress."""
+    progressed = progress > int(run.tag_float(LAST_STEP, -1))
     attempt = 1 if progressed else int(run.tag_float(ATTEMPTS, 0)) + 1
     if attempt > cfg.max_attempts:
         why = (
-            f"{attempt - 1} resumes without progress past step {run.checkpoint_step} "
+            f"{attempt - 1} resumes without progress past {where} "
             f"(resume.max_attempts={cfg.max_attempts})"
         )
-        return Decision(run, "give_up", why, attempt)
+        return Decision(run, "give_up", why, attempt, progress)
+    return Decision(run, "resume", "", attempt, progress)
+
+
+def _attempt(run: RunRecord, cfg: ResumeConfig) -> Decision:
+    decision = _attempts(run, cfg, progress_step(run), f"step {run.checkpoint_step}")
+    if decision.action != "resume":
+        return decision
     where = ""
     if not is_local(run):
         where = f" (last on {owner_host(run)}: checkpoint from MLflow)"
     elif run.session_dir is not None and not run.session_dir.is_dir():
         where = " (session folder missing: checkpoint from MLflow)"
-    why = f"{run.status.lower()}, dead, step {run.checkpoint_step}{where}"
-    return Decision(run, "resume", why, attempt)
+    decision.reason = f"{run.status.lower()}, dead, step {run.checkpoint_step}{where}"
+    return decision

@@ -102,43 +102,106 @@ def test_sweep_runs_n_trials_as_children_of_one_parent(tmp_path: Path):
     assert len(trials(home)) == 3 and len(mlflow_runs(home)[1]) == 3
 
 
-def test_killed_sweep_continues_exactly(tmp_path: Path):
-    killed, reference = tmp_path / "killed", tmp_path / "reference"
-    killed.mkdir()
-    job = killed / "multirun" / "sweeps" / STUDY / "1"
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> list[optuna.trial.FrozenTrial]:
+    """The trials of an uninterrupted sweep with the same seed."""
+    home = tmp_path_factory.mktemp("reference")
+    out = run(home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return check_complete_sweep(home)
+
+
+def kill_during_trial_1(home: Path, log_file: Path) -> Path:
+    """Start the sweep, SIGKILL it (the sweeper and its in-process trainer) once trial 1
+    has a checkpoint; trial 1's job folder."""
+    home.mkdir(parents=True, exist_ok=True)
+    job = home / "multirun" / "sweeps" / STUDY / "1"
     slow = {"SO8T_FAULT_STEP_SECONDS": "0.3"}  # time to be killed mid-trial
-    with open(tmp_path / "sweep.log", "w") as log:
+    with open(log_file, "w") as log:
         proc = subprocess.Popen(
-            sweep_cmd(killed),
-            cwd=killed,
-            env=subprocess_env(killed, **slow),
+            sweep_cmd(home),
+            cwd=home,
+            env=subprocess_env(home, **slow),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         try:
             wait_for(lambda: session_info(job).get("current_step", 0) >= 2, 300, "a checkpoint")
         finally:
-            os.kill(proc.pid, signal.SIGKILL)  # the sweeper and its in-process trainer
+            os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
-    before = trials(killed)
-    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+    assert [t.state for t in trials(home)] == [TrialState.COMPLETE, TrialState.RUNNING]
+    return job
+
+
+def check_same_as(done: list, reference: list) -> None:
+    assert [t.params for t in done] == [t.params for t in reference]
+    # (bit-exact resume: even the values match)
+    assert [t.value for t in done] == [t.value for t in reference]
+    assert json.loads(json.dumps(done[1].intermediate_values)) == json.loads(
+        json.dumps(reference[1].intermediate_values)
+    )
+
+
+def test_killed_sweep_continues_exactly(tmp_path: Path, reference):
+    killed = tmp_path / "killed"
+    job = kill_during_trial_1(killed, tmp_path / "sweep.log")
     run_id = session_info(job)["session_id"]
 
-    out = run(killed, **slow)  # the same command: continues
+    out = run(killed, SO8T_FAULT_STEP_SECONDS="0.3")  # the same command: continues
     assert out.returncode == 0, out.stderr[-3000:]
     done = check_complete_sweep(killed)
     info = session_info(job)
     assert info["session_id"] == run_id and info["resumes"] == 1 and info["status"] == "completed"
     assert not (killed / "multirun" / "sweeps" / STUDY / "3").exists()
+    check_same_as(done, reference)
 
-    out = run(reference)  # uninterrupted, same seed: the same trials
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert [t.params for t in done] == [t.params for t in trials(reference)]
-    # (bit-exact resume: even the values match)
-    assert [t.value for t in done] == [t.value for t in trials(reference)]
-    assert json.loads(json.dumps(done[1].intermediate_values)) == json.loads(
-        json.dumps(trials(reference)[1].intermediate_values)
+
+def resume_cmd(home: Path, *extra: str) -> list[str]:
+    store = sqlite_uri(home / "mlruns" / "mlflow.db")
+    return [sys.executable, "-m", "so8t_exp.resume", f"tracking.uri={store}", *extra]
+
+
+def test_killed_sweep_is_continued_once_by_two_launchers(tmp_path: Path, reference):
+    """At boot: the launcher continues the sweep (not its trial alone); two at once, once."""
+    home = tmp_path / "home"
+    job = kill_during_trial_1(home, tmp_path / "sweep.log")
+    env = subprocess_env(home)
+    dry = subprocess.run(
+        resume_cmd(home, "resume.dry_run=true"),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
     )
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    lines = dry.stdout.splitlines()
+    assert any("resume" in ln and "sweep, running, dead, 1/3 trials" in ln for ln in lines), lines
+    assert any("continues when its sweep does" in ln for ln in lines), lines
+
+    launchers = [
+        subprocess.Popen(
+            resume_cmd(home),
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in launchers]
+    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    done = check_complete_sweep(home)
+    info = session_info(job)
+    assert info["resumes"] == 1 and info["status"] == "completed"  # continued once
+    assert not (home / "multirun" / "sweeps" / STUDY / "3").exists()
+    check_same_as(done, reference)
+    parents, _ = mlflow_runs(home)
+    assert parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["so8t.sweep.trials_finished"] == "3"
+    again = subprocess.run(resume_cmd(home), cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "nothing to resume" in again.stdout, again.stdout
 
 
 def test_pruned_trial_stops_early_and_stays_pruned(tmp_path: Path):

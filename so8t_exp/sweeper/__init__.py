@@ -10,6 +10,7 @@ number, so the values equal those of an uninterrupted sweep (see :mod:`.study`).
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from so8t_exp import trial_link
+from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.sweeper import report
 from so8t_exp.sweeper.space import SearchSpace, search_space
-from so8t_exp.sweeper.study import lock_sweep, open_study, sampler_for
+from so8t_exp.sweeper.study import SweepBusy, lock_sweep, open_study, sampler_for
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,16 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
     """The sweep of :class:`hydra_plugins.so8t_sweeper.so8t_sweeper.So8tOptunaSweeper`."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep_dir = Path(sweeper.config.hydra.sweep.dir).resolve()
-    lock = lock_sweep(sweep_dir)
+    try:
+        lock = lock_sweep(sweep_dir)
+    except SweepBusy as err:  # (exit 3, like a locked session: the launcher moves on)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_LOCKED)
     try:
         space = search_space(sweeper.params, arguments)
         study = open_study(sweeper, space)
         runner = TrialRunner(sweeper, study, space, sweep_dir)
+        runner.parent = report.start(sweeper, sweep_dir, study)
         # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
         #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
         for frozen in sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number):
@@ -44,6 +51,7 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
         # 2) new trials until n_trials are finished
         while len(_trials(study, *FINISHED)) < sweeper.n_trials:
             runner.run(None)
+        report.retag_children(study, runner._uri())
         return report.finish(study, sweep_dir, runner.parent)
     finally:
         lock.release()
@@ -87,6 +95,11 @@ class TrialRunner:
             ret = sw.launcher.launch([overrides], initial_job_idx=number)[0]
         finally:  # (a SystemExit from a signal passes: the trial stays RUNNING, resumable)
             trial_link.detach()
+        if ret.status == JobStatus.COMPLETED and ret.return_value == EXIT_LOCKED:
+            # Its folder is in use by a live trainer (not this trial's failure): stop, and
+            # leave the trial RUNNING for the next run of the sweep.
+            log.error("trial %d: its folder %s is in use; sweep stopped", number, job_dir)
+            sys.exit(EXIT_LOCKED)
         if ret.status != JobStatus.COMPLETED or ret.return_value not in (0, None):
             self._fail(trial, job_dir, ret)
         elif link.pruned:

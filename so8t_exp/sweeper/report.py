@@ -12,14 +12,26 @@ from pathlib import Path
 
 import optuna
 import yaml
+from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from so8t_exp.fsutil import atomic_write_json
+from so8t_exp.host import host_id
 from so8t_exp.tracking import resolve_tracking_uri
-from so8t_exp.tracking.sweep import SweepJob
+from so8t_exp.tracking.core import Tracker
+from so8t_exp.tracking.sweep import (
+    COMMAND_FILE,
+    N_TRIALS,
+    STUDY,
+    TRIALS_DONE,
+    SweepJob,
+    find_parent,
+)
 
 log = logging.getLogger(__name__)
 
-TRIAL_NUMBER, TRIAL_STATE, STUDY = "optuna.trial.number", "optuna.trial.state", "optuna.study"
+TRIAL_NUMBER, TRIAL_STATE = "optuna.trial.number", "optuna.trial.state"
+OPTUNA_STUDY = "optuna.study"
 RESULTS_FILE = "optimization_results.yaml"
 
 
@@ -27,6 +39,36 @@ RESULTS_FILE = "optimization_results.yaml"
 class Parent:
     uri: str
     run_id: str
+
+
+def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
+    """Write how to run this sweep again into its folder (``sweep_command.json``: what the
+    resume launcher runs at boot) and mark its parent run as an Optuna sweep's."""
+    hc = sweeper.config.hydra
+    overrides = [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)]
+    command = {"overrides": overrides, "study": study.study_name, "n_trials": sweeper.n_trials}
+    atomic_write_json(sweep_dir / COMMAND_FILE, command)
+    uri = resolve_tracking_uri(OmegaConf.select(sweeper.config, "tracking.uri"))
+    try:
+        tracker = Tracker(uri)
+        exp_id = tracker.experiment_id(sweeper.config.tracking.experiment)
+        run = find_parent(tracker.client, exp_id, str(sweep_dir))
+        if run is None:
+            return None
+        tags = {STUDY: study.study_name, N_TRIALS: str(sweeper.n_trials), "so8t.host": host_id()}
+        tags[TRIALS_DONE] = str(len(finished(study)))
+        for key, value in tags.items():
+            tracker.client.set_tag(run.info.run_id, key, value)
+        return Parent(uri, run.info.run_id)
+    except Exception as err:  # (the study is the record; MLflow is the view)
+        log.warning("could not mark the sweep's MLflow run: %s", err)
+        return None
+
+
+def finished(study: optuna.Study) -> list[FrozenTrial]:
+    """The trials that count towards ``n_trials`` (COMPLETE, PRUNED or FAIL)."""
+    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return study.get_trials(deepcopy=False, states=done)
 
 
 def _child_run_id(job_dir: Path) -> str | None:
@@ -55,30 +97,54 @@ def final_metrics(job_dir: Path, uri: str | None) -> dict[str, float] | None:
 def trial_ended(
     study: optuna.Study, trial: FrozenTrial, job_dir: Path, uri: str | None
 ) -> Parent | None:
-    """Tag the trial's child run; log the objective and the best trial on the parent."""
+    """Tag the trial's child run; log the objective, the best trial and the count of
+    finished trials on the parent."""
     from mlflow.tracking import MlflowClient
 
     uri = resolve_tracking_uri(uri)
     job = SweepJob.read(job_dir / ".hydra")
     try:
         client = MlflowClient(uri)
-        child = _child_run_id(job_dir)
-        if child is not None:
-            tags = {STUDY: study.study_name, TRIAL_NUMBER: str(trial.number)}
-            tags[TRIAL_STATE] = trial.state.name
-            tags.update({f"optuna.param.{k}": repr(v) for k, v in trial.params.items()})
-            for key, value in tags.items():
-                client.set_tag(child, key, value)
+        _tag_child(client, study, trial, job_dir)
         if job is None:
             return None
         parent = Parent(uri, job.parent_run_id)
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             client.log_metric(parent.run_id, "sweep/objective", trial.value, step=trial.number)
         _log_best(client, parent.run_id, study)
+        client.set_tag(parent.run_id, TRIALS_DONE, str(len(finished(study))))
         return parent
     except Exception as err:  # (the study is the record; MLflow is the view)
         log.warning("could not record trial %d in MLflow: %s", trial.number, err)
         return None
+
+
+def _tag_child(client, study: optuna.Study, trial: FrozenTrial, job_dir: Path) -> None:
+    """The trial's number, state and parameters as tags of its own run (one request)."""
+    from mlflow.entities import RunTag
+
+    child = _child_run_id(job_dir)
+    if child is None:
+        return
+    tags = {OPTUNA_STUDY: study.study_name, TRIAL_NUMBER: str(trial.number)}
+    tags[TRIAL_STATE] = trial.state.name
+    tags.update({f"optuna.param.{k}": repr(v) for k, v in trial.params.items()})
+    client.log_batch(child, tags=[RunTag(k, v) for k, v in tags.items()])
+
+
+def retag_children(study: optuna.Study, uri: str | None) -> None:
+    """Tag every finished trial's run again: a sweep killed between a trial's tell and its
+    tagging left that run untagged, and no later trial would go back to it."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(resolve_tracking_uri(uri))
+        for trial in finished(study):
+            job_dir = trial.user_attrs.get("job_dir")
+            if job_dir:
+                _tag_child(client, study, trial, Path(job_dir))
+    except Exception as err:
+        log.warning("could not tag the trials' MLflow runs: %s", err)
 
 
 def _log_best(client, run_id: str, study: optuna.Study) -> None:

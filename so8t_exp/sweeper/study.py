@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from filelock import Timeout
 from optuna.samplers import TPESampler
 
-from so8t_exp.lock import os_lock
+from so8t_exp.lock import SessionLock, SessionLocked, hold
 from so8t_exp.paths import project_root, sqlite_uri
 from so8t_exp.sweeper.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".sweeper.lock"
 # What a resumed study must agree on with the one that started it (user attributes).
 SPACE, SEED, OBJECTIVE, DIRECTION, VERSION = (
     "so8t.space",
@@ -38,16 +36,14 @@ def storage_url(storage: str | None) -> str:
     return storage or sqlite_uri(project_root() / "mlruns" / "optuna.db")
 
 
-def lock_sweep(sweep_dir: Path):
-    """The OS lock of the sweep folder, held until the sweep ends (or the process dies):
-    two sweepers on one study would ask for the same trial numbers."""
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    lock = os_lock(sweep_dir / LOCK_FILE)
+def lock_sweep(sweep_dir: Path) -> SessionLock:
+    """The lock of the sweep folder (a session folder's lock, so the resume launcher and
+    ``sessions`` see a live sweeper the way they see a live trainer), held until the sweep
+    ends or the process dies: two sweepers on one study would ask for the same trials."""
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise SweepBusy(f"another sweeper is running the sweep in {sweep_dir}") from None
-    return lock
+        return hold(sweep_dir, "sweep")  # (taken already by the sweep's callback)
+    except SessionLocked as err:
+        raise SweepBusy(f"another sweeper is running this sweep: {err}") from None
 
 
 def sampler_for(seed: int, number: int, kwargs: dict[str, Any]) -> TPESampler:

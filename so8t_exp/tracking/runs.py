@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from so8t_exp.tracking.claims import Claim, claim_run
 from so8t_exp.tracking.core import HEARTBEAT_TAG, iso, resolve_tracking_uri
-from so8t_exp.tracking.sweep import is_parent
+from so8t_exp.tracking.sweep import is_parent, is_study_sweep
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,11 @@ class RunRegistry:
             params=dict(run.data.params),
         )
 
-    def runs(self, experiments: list[str], unfinished_only: bool = True) -> list[RunRecord]:
-        """Session runs of ``experiments`` (not sweep parents), newest first."""
+    def runs(
+        self, experiments: list[str], unfinished_only: bool = True, sweeps: bool = False
+    ) -> list[RunRecord]:
+        """Session runs of ``experiments``, newest first; with ``sweeps``, also the parent
+        runs of Optuna sweeps (never those of grid sweeps: not sessions, nothing to do)."""
         exps = {
             e.experiment_id: e.name
             for name in experiments
@@ -100,7 +103,9 @@ class RunRegistry:
                 page_token=token,
             )
             records = (self._record(r, exps[r.info.experiment_id]) for r in page)
-            out += [r for r in records if not r.is_sweep_parent]
+            out += [
+                r for r in records if not r.is_sweep_parent or (sweeps and is_study_sweep(r.tags))
+            ]
             token = page.token
             if not token:
                 return out
