@@ -29,7 +29,7 @@ from so8t_exp.progress_bar import ProgressBar
 from so8t_exp.progress_log import StepWindow
 from so8t_exp.run_end import RunEnd
 from so8t_exp.run_inputs import record_inputs
-from so8t_exp.session import Session, SessionInfo, now_iso
+from so8t_exp.session import FINAL, Session, SessionInfo, now_iso
 from so8t_exp.signals import StopRequest
 from so8t_exp.system_stats import Monitor
 from so8t_exp.takeover import take_over
@@ -109,7 +109,7 @@ class TrainingRun(RunEnd):
             self.tracker.checkpoint_mirrored,
         )
         self.fingerprint = config_fingerprint(self.cfg)
-        completed = info is not None and info.status == "completed"
+        completed = info is not None and info.status in FINAL
         cont = continuation(
             run_id,
             completed,

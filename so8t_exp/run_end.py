@@ -48,12 +48,17 @@ class RunEnd:
                 raise Fenced(self.tracker.lease.reason)
             log.error("the run is trained but not FINISHED in MLflow: start it again to close it")
             return  # (no model logged into a run this process may no longer own)
-        self.session.save(status="completed", current_step=tr.progress.step)
+        # A trial its sweep pruned is final too, but not "completed": it stopped early.
+        pruned = self.evals.pruned
+        self.session.save(status="pruned" if pruned else "completed", current_step=tr.progress.step)
         self.notify(
             "finished",
-            f"run {self.tracker.run_id}: {tr.progress.step} steps, "
+            f"run {self.tracker.run_id}: {tr.progress.step} steps"
+            f"{' (pruned by its sweep)' if pruned else ''}, "
             f"best {self.cfg.checkpoint.best_metric} {tr.progress.best_value}",
         )
+        if pruned:  # (not worth a registered model; the final one is in final_model/)
+            return
         # Last, once the run is complete: rebuilding the model in float32 needs memory, and
         # running out of it here must not leave a finished run unfinished (a crash loop).
         log_run_models(self.session_dir, list(self.cfg.tracking.log_models), self.tracker.uri)

@@ -18,7 +18,9 @@ from so8t_exp.fsutil import atomic_write_json
 log = logging.getLogger(__name__)
 
 SESSION_FILE = "session_info.json"
-STATUSES = ("running", "interrupted", "failed", "completed", "lost")  # lost: run not in store
+# lost: the run is not in the store; pruned: stopped early by its sweep's pruner (final)
+STATUSES = ("running", "interrupted", "failed", "completed", "pruned", "lost")
+FINAL = ("completed", "pruned")
 
 
 def now_iso() -> str:

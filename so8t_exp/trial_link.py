@@ -2,7 +2,9 @@
 
 The sweeper (:mod:`so8t_exp.sweeper`) runs each trial with Hydra's BasicLauncher, in its
 own process, so it can hand the trainer a live link: :func:`attach` before the launch,
-:func:`detach` after. The trainer asks :func:`current` for the link *of its own session
+:func:`detach` after. With ``n_jobs`` > 1 each trial trains in a child process, which
+rebuilds its link from ``SO8T_TRIAL`` (:mod:`so8t_exp.sweeper.parallel`).
+The trainer asks :func:`current` for the link *of its own session
 folder* (never a stale one) and reports every evaluation; the link says whether to prune.
 No optuna import here: this module loads with every training run.
 """
@@ -10,13 +12,22 @@ No optuna import here: this module loads with every training run.
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import signal
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from so8t_exp.fsutil import atomic_write_json
 
+log = logging.getLogger(__name__)
+
+TRIAL_ENV = "SO8T_TRIAL"  # the trial of a trainer started by a sweeper (JSON, see _link_from)
+_WATCH_SECONDS = 1.0
 RESULT_FILE = "trial_result.json"  # in the job folder: a final verdict (PRUNED), see read_result
 SO8T_OBJECTIVE = "so8t"  # REFUSE recall + macro-F1 - ECE
 
@@ -87,7 +98,50 @@ def detach() -> None:
 
 
 def current(session_dir: Path) -> TrialLink | None:
-    """The link of the trial trained in ``session_dir``, if a sweeper attached one."""
+    """The link of the trial trained in ``session_dir``: attached by the sweeper in this
+    process, or described in ``SO8T_TRIAL`` by a sweeper that started this process."""
     if _active is not None and _active.job_dir == session_dir.resolve():
         return _active
+    spec = os.environ.get(TRIAL_ENV)
+    if spec:
+        spec = json.loads(spec)
+        if Path(spec["job_dir"]).resolve() == session_dir.resolve():
+            attach(_link_from(spec))
+            return _active
     return None
+
+
+def _link_from(spec: dict[str, Any]) -> TrialLink:
+    """The link of a trial trained in a child process of its sweeper (``n_jobs`` > 1):
+    the trial re-attached from the study's storage, and a watch on the sweeper."""
+    import optuna  # (only in a sweep's trial process)
+
+    from so8t_exp.sweeper.study import build_pruner
+
+    study = optuna.load_study(
+        study_name=spec["study"], storage=spec["storage"], pruner=build_pruner(spec["pruner"])
+    )
+    trial = optuna.trial.Trial(study, spec["trial_id"])
+    _watch_sweeper(int(spec["sweeper_pid"]))
+    return TrialLink(trial, spec["objective"], Path(spec["job_dir"]), spec["pruner"] is not None)
+
+
+def _watch_sweeper(pid: int) -> None:
+    """Stop this trainer as SIGTERM would (emergency checkpoint, trial left to resume)
+    once its sweeper is gone: nobody would tell its result, and the sweeper's next run
+    must find the folder free."""
+    import psutil
+
+    try:
+        sweeper = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        sweeper = None
+
+    def watch() -> None:
+        while sweeper is not None and sweeper.is_running():
+            time.sleep(_WATCH_SECONDS)
+        log.warning("the sweeper (pid %d) is gone: stopping this trial to resume later", pid)
+        # (delivered to the main thread's handler, the one a real SIGTERM reaches)
+        signal.raise_signal(signal.SIGTERM)
+
+    threading.Thread(target=watch, name="so8t-sweeper-watch", daemon=True).start()

@@ -222,6 +222,7 @@ def test_pruned_trial_stops_early_and_stays_pruned(tmp_path: Path):
     assert list(done[1].intermediate_values) == [3]
     job = home / "multirun" / "sweeps" / STUDY / "1"
     assert session_info(job)["current_step"] == 3
+    assert session_info(job)["status"] == "pruned"  # final, though short of max_steps
     assert json.loads((job / "trial_result.json").read_text())["state"] == "PRUNED"
     _, children = mlflow_runs(home)
     by_trial = {c.data.tags["optuna.trial.number"]: c for c in children}

@@ -36,6 +36,9 @@ class So8tOptunaSweeperConf:
     # MedianPruner kwargs; null: no pruning
     pruner: dict[str, Any] | None = None
     max_failures: int = 0  # failed trials allowed before the sweep stops
+    # Trials at once, each in its own child process (1: one at a time, in this process;
+    # only then are the parameters reproducible: see README "Sweeps")
+    n_jobs: int = 1
     params: dict[str, str] | None = None  # "trainer.optimizer.lr": "tag(log, interval(...))"
 
 
@@ -59,12 +62,16 @@ class So8tOptunaSweeper(Sweeper):
         pruner: dict[str, Any] | None,
         max_failures: int,
         params: dict[str, str] | None,
+        n_jobs: int = 1,
     ) -> None:
         self.study_name, self.storage, self.direction = study_name, storage, direction
         self.objective, self.n_trials, self.seed = objective, n_trials, seed
         self.sampler_kwargs = dict(sampler or {})
         self.pruner_kwargs = None if pruner is None else dict(pruner)
         self.max_failures = max_failures
+        if n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs must be at least 1, not {n_jobs}")
+        self.n_jobs = n_jobs
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
         self.config: DictConfig | None = None
         self.hydra_context: HydraContext | None = None

@@ -22,6 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from so8t_exp import trial_link
 from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.sweeper import report
+from so8t_exp.sweeper.parallel import ParallelTrials
 from so8t_exp.sweeper.space import SearchSpace, search_space
 from so8t_exp.sweeper.study import SweepBusy, lock_sweep, open_study, sampler_for
 
@@ -44,13 +45,17 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
         study = open_study(sweeper, space)
         runner = TrialRunner(sweeper, study, space, sweep_dir)
         runner.parent = report.start(sweeper, sweep_dir, study)
-        # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
-        #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
-        for frozen in sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number):
-            runner.run(frozen)
-        # 2) new trials until n_trials are finished
-        while len(_trials(study, *FINISHED)) < sweeper.n_trials:
-            runner.run(None)
+        interrupted = sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number)
+        if sweeper.n_jobs > 1:
+            ParallelTrials(runner, sweeper.n_jobs).run(interrupted)
+        else:
+            # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
+            #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
+            for frozen in interrupted:
+                runner.run(frozen)
+            # 2) new trials until n_trials are finished
+            while len(_trials(study, *FINISHED)) < sweeper.n_trials:
+                runner.run(None)
         report.retag_children(study, runner._uri())
         return report.finish(study, sweep_dir, runner.parent)
     finally:
@@ -70,6 +75,33 @@ class TrialRunner:
         self.parent: report.Parent | None = None
 
     def run(self, frozen: FrozenTrial | None) -> None:
+        """Run a trial in this process (Hydra's launcher: the trainer sees the live link)."""
+        prepared = self.prepare(frozen)
+        if prepared is None:
+            return
+        trial, job_dir = prepared
+        sw = self.sweeper
+        overrides = self.space.overrides(trial.params)
+        link = trial_link.TrialLink(trial, sw.objective, job_dir, sw.pruner_kwargs is not None)
+        sw.validate_batch_is_legal([overrides])
+        trial_link.attach(link)
+        try:  # same number: same folder, same hydra.job.num, so the same session and run
+            ret = sw.launcher.launch([overrides], initial_job_idx=trial.number)[0]
+        finally:  # (a SystemExit from a signal passes: the trial stays RUNNING, resumable)
+            trial_link.detach()
+        code = ret.return_value if ret.status == JobStatus.COMPLETED else None
+        if code == EXIT_LOCKED:
+            self.stop_locked(trial, job_dir)
+        # (_return_value: the exception of a failed job, the exit code of a returned one;
+        # the return_value property would re-raise the exception)
+        failed = (
+            None if code in (0, None) and ret.status == JobStatus.COMPLETED else ret._return_value
+        )
+        self.conclude(trial, job_dir, failed, link.pruned, link.final_value)
+
+    def prepare(self, frozen: FrozenTrial | None) -> tuple[optuna.trial.Trial, Path] | None:
+        """Ask a new trial (``frozen`` None) or re-attach an interrupted one; None when it
+        was pruned before its sweep was killed (told PRUNED now, nothing to train)."""
         sw, study = self.sweeper, self.study
         number = frozen.number if frozen else len(study.get_trials(deepcopy=False))
         study.sampler = sampler_for(sw.seed, number, sw.sampler_kwargs)
@@ -85,41 +117,40 @@ class TrialRunner:
         done = trial_link.read_result(job_dir)
         if done is not None and done.get("state") == "PRUNED":  # pruned, then killed
             self._tell(trial, job_dir, TrialState.PRUNED, None)
-            return
+            return None
         log.info("trial %d%s: %s", number, " (resumed)" if frozen else "", trial.params)
-        overrides = self.space.overrides(trial.params)
-        link = trial_link.TrialLink(trial, sw.objective, job_dir, sw.pruner_kwargs is not None)
-        sw.validate_batch_is_legal([overrides])
-        trial_link.attach(link)
-        try:  # same number: same folder, same hydra.job.num, so the same session and run
-            ret = sw.launcher.launch([overrides], initial_job_idx=number)[0]
-        finally:  # (a SystemExit from a signal passes: the trial stays RUNNING, resumable)
-            trial_link.detach()
-        if ret.status == JobStatus.COMPLETED and ret.return_value == EXIT_LOCKED:
-            # Its folder is in use by a live trainer (not this trial's failure): stop, and
-            # leave the trial RUNNING for the next run of the sweep.
-            log.error("trial %d: its folder %s is in use; sweep stopped", number, job_dir)
-            sys.exit(EXIT_LOCKED)
-        if ret.status != JobStatus.COMPLETED or ret.return_value not in (0, None):
-            self._fail(trial, job_dir, ret)
-        elif link.pruned:
+        return trial, job_dir
+
+    def stop_locked(self, trial, job_dir: Path) -> None:
+        """Its folder is in use by a live trainer (not this trial's failure): stop, and
+        leave the trial RUNNING for the next run of the sweep."""
+        log.error("trial %d: its folder %s is in use; sweep stopped", trial.number, job_dir)
+        sys.exit(EXIT_LOCKED)
+
+    def conclude(
+        self, trial, job_dir: Path, failed: object, pruned: bool, value: float | None
+    ) -> None:
+        """Tell how the trial's job ended: ``failed`` (its exception or exit code), else
+        pruned, else complete with ``value`` (None: read from its MLflow run)."""
+        sw = self.sweeper
+        if failed is not None:
+            self._fail(trial, job_dir, failed)
+        elif pruned:
             self._tell(trial, job_dir, TrialState.PRUNED, None)
         else:
-            value = link.final_value
             if value is None:  # trained to the end by an earlier process (died before the
-                # tell) or by the resume launcher: its last evaluation is in its MLflow run
+                # tell), in a child process, or by the resume launcher: its last evaluation
+                # is in its MLflow run
                 metrics = report.final_metrics(job_dir, self._uri())
                 value = trial_link.objective_value(metrics or {}, sw.objective)
             if value is None:
-                log.error("trial %d: no %s from its evaluations", number, sw.objective)
+                log.error("trial %d: no %s from its evaluations", trial.number, sw.objective)
                 self._tell(trial, job_dir, TrialState.FAIL, None)
             else:
                 self._tell(trial, job_dir, TrialState.COMPLETE, value)
 
-    def _fail(self, trial, job_dir: Path, ret) -> None:
-        # (_return_value: the exception of a failed job, the exit code of a returned one;
-        # the return_value property would re-raise the exception)
-        log.error("trial %d failed (%s)", trial.number, ret._return_value)
+    def _fail(self, trial, job_dir: Path, why: object) -> None:
+        log.error("trial %d failed (%s)", trial.number, why)
         self._tell(trial, job_dir, TrialState.FAIL, None)
         self.failures += 1
         if self.failures > self.sweeper.max_failures:

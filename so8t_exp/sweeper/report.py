@@ -39,6 +39,7 @@ RESULTS_FILE = "optimization_results.yaml"
 class Parent:
     uri: str
     run_id: str
+    name: str = ""
 
 
 def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
@@ -59,7 +60,7 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
         tags[TRIALS_DONE] = str(len(finished(study)))
         for key, value in tags.items():
             tracker.client.set_tag(run.info.run_id, key, value)
-        return Parent(uri, run.info.run_id)
+        return Parent(uri, run.info.run_id, run.info.run_name or "")
     except Exception as err:  # (the study is the record; MLflow is the view)
         log.warning("could not mark the sweep's MLflow run: %s", err)
         return None
@@ -108,7 +109,7 @@ def trial_ended(
         _tag_child(client, study, trial, job_dir)
         if job is None:
             return None
-        parent = Parent(uri, job.parent_run_id)
+        parent = Parent(uri, job.parent_run_id, job.parent_name)
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             client.log_metric(parent.run_id, "sweep/objective", trial.value, step=trial.number)
         _log_best(client, parent.run_id, study)
