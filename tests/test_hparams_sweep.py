@@ -232,3 +232,64 @@ def test_pruned_trial_stops_early_and_stays_pruned(tmp_path: Path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert [t.state for t in trials(home)] == [TrialState.COMPLETE, TrialState.PRUNED]
     assert session_info(job)["current_step"] == 3
+
+
+def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
+    """A second sweeper of a live sweep stops (exit 3) and leaves its run alone; SIGTERM
+    stops the sweep with its trial RUNNING and checkpointed; a changed search space is
+    refused without touching the study; then the same command finishes it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = subprocess_env(home, SO8T_FAULT_STEP_SECONDS="0.3")
+    job = home / "multirun" / "sweeps" / STUDY / "0"
+    with open(tmp_path / "sweep.log", "w") as log:
+        proc = subprocess.Popen(
+            sweep_cmd(home), cwd=home, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            wait_for(lambda: session_info(job).get("current_step", 0) >= 2, 300, "a checkpoint")
+            second = subprocess.run(
+                sweep_cmd(home), cwd=home, env=env, capture_output=True, text=True, timeout=300
+            )
+            assert second.returncode == 3, second.stderr[-3000:]
+            assert "another sweeper is running this sweep" in second.stderr
+            parents, _ = mlflow_runs(home)
+            assert [p.info.status for p in parents] == ["RUNNING"]  # (not closed by the second)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=300) == 143
+    assert [t.state for t in trials(home)] == [TrialState.RUNNING]
+    assert session_info(job)["status"] == "interrupted"
+    assert mlflow_runs(home)[0][0].info.status == "KILLED"
+
+    changed = sweep_cmd(home, "trainer.optimizer.lr=interval(0.001,0.002)")
+    out = subprocess.run(changed, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "use a new hydra.sweeper.study_name" in out.stderr, out.stderr[
+        -2000:
+    ]
+    assert [t.state for t in trials(home)] == [TrialState.RUNNING]
+
+    out = run(home)
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_complete_sweep(home)
+    assert session_info(job)["resumes"] == 1
+
+
+def test_failed_trials_within_max_failures(tmp_path: Path):
+    """A trial whose training raises is FAIL; within ``max_failures`` the sweep goes on and
+    ends FINISHED; one more stops it with an error naming the setting."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = subprocess_env(home, SO8T_FAULT_FAIL_AT_STEP="2")
+    one = sweep_cmd(home, "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failures=1")
+    out = subprocess.run(one, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [t.state for t in trials(home)] == [TrialState.FAIL]
+    parents, children = mlflow_runs(home)
+    assert parents[0].info.status == "FINISHED"
+    assert children[0].data.tags["optuna.trial.state"] == "FAIL"
+
+    two = sweep_cmd(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failures=1")
+    out = subprocess.run(two, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "hydra.sweeper.max_failures=1" in out.stderr, out.stderr[-3000:]
+    assert [t.state for t in trials(home)] == [TrialState.FAIL, TrialState.FAIL]

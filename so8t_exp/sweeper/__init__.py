@@ -24,6 +24,7 @@ from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.sweeper import report
 from so8t_exp.sweeper.parallel import ParallelTrials
 from so8t_exp.sweeper.space import SearchSpace, search_space
+from so8t_exp.sweeper.stop import BetweenTrials
 from so8t_exp.sweeper.study import SweepBusy, lock_sweep, open_study, sampler_for
 
 log = logging.getLogger(__name__)
@@ -41,25 +42,31 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_LOCKED)
     try:
-        space = search_space(sweeper.params, arguments)
-        study = open_study(sweeper, space)
-        runner = TrialRunner(sweeper, study, space, sweep_dir)
-        runner.parent = report.start(sweeper, sweep_dir, study)
-        interrupted = sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number)
-        if sweeper.n_jobs > 1:
-            ParallelTrials(runner, sweeper.n_jobs).run(interrupted)
-        else:
-            # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
-            #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
-            for frozen in interrupted:
-                runner.run(frozen)
-            # 2) new trials until n_trials are finished
-            while len(_trials(study, *FINISHED)) < sweeper.n_trials:
-                runner.run(None)
-        report.retag_children(study, runner._uri())
-        return report.finish(study, sweep_dir, runner.parent)
+        with BetweenTrials() as stop:
+            space = search_space(sweeper.params, arguments)
+            study = open_study(sweeper, space)
+            runner = TrialRunner(sweeper, study, space, sweep_dir, stop)
+            runner.parent = report.start(sweeper, sweep_dir, study)
+            _run_trials(runner)
+            report.retag_children(study, runner._uri())
+            return report.finish(study, sweep_dir, runner.parent)
     finally:
         lock.release()
+
+
+def _run_trials(runner: TrialRunner) -> None:
+    sweeper, study = runner.sweeper, runner.study
+    interrupted = sorted(_trials(study, TrialState.RUNNING), key=lambda t: t.number)
+    if sweeper.n_jobs > 1:
+        ParallelTrials(runner, sweeper.n_jobs).run(interrupted)
+        return
+    # 1) what a killed sweep left RUNNING, in order, so a new ask sees what an
+    #    uninterrupted sweep saw (no RUNNING trials: constant_liar would use them)
+    for frozen in interrupted:
+        runner.run(frozen)
+    # 2) new trials until n_trials are finished
+    while len(_trials(study, *FINISHED)) < sweeper.n_trials:
+        runner.run(None)
 
 
 def _trials(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
@@ -69,8 +76,11 @@ def _trials(study: optuna.Study, *states: TrialState) -> list[FrozenTrial]:
 class TrialRunner:
     """Runs one trial (new or interrupted) as a Hydra job and tells Optuna how it ended."""
 
-    def __init__(self, sweeper, study: optuna.Study, space: SearchSpace, sweep_dir: Path) -> None:
+    def __init__(
+        self, sweeper, study: optuna.Study, space: SearchSpace, sweep_dir: Path, stop: BetweenTrials
+    ) -> None:
         self.sweeper, self.study, self.space, self.sweep_dir = sweeper, study, space, sweep_dir
+        self.stop = stop
         self.failures = len(_trials(study, TrialState.FAIL))
         self.parent: report.Parent | None = None
 
@@ -102,6 +112,7 @@ class TrialRunner:
     def prepare(self, frozen: FrozenTrial | None) -> tuple[optuna.trial.Trial, Path] | None:
         """Ask a new trial (``frozen`` None) or re-attach an interrupted one; None when it
         was pruned before its sweep was killed (told PRUNED now, nothing to train)."""
+        self.stop.check()
         sw, study = self.sweeper, self.study
         number = frozen.number if frozen else len(study.get_trials(deepcopy=False))
         study.sampler = sampler_for(sw.seed, number, sw.sampler_kwargs)

@@ -75,6 +75,7 @@ class ParallelTrials:
             if not self.running:
                 break
             time.sleep(_POLL_SECONDS)
+            self.runner.stop.check()  # (its trials see it gone and stop themselves)
             for number in [n for n, r in self.running.items() if r.proc.poll() is not None]:
                 self._ended(self.running.pop(number))
         if self.stop_code is not None:
