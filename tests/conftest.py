@@ -69,6 +69,20 @@ def sweep_cmd(store: str, sweep: Path, *overrides: str) -> list[str]:
     ]
 
 
+def run_at_once(
+    cmd: list[str], n: int, cwd: Path, env: dict[str, str], timeout: float = 600
+) -> tuple[list[int], list[str]]:
+    """Start ``n`` copies of ``cmd`` together; their exit codes and outputs."""
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(n)
+    ]
+    outputs = [p.communicate(timeout=timeout)[0] for p in procs]
+    return [p.returncode for p in procs], outputs
+
+
 def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     env = {**os.environ, "SO8T_EXP_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from so8t_exp.paths import sqlite_uri
-from tests.conftest import session_info, subprocess_env, wait_for
+from tests.conftest import run_at_once, session_info, subprocess_env, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +43,11 @@ def sweep_cmd(home: Path, *extra: str) -> list[str]:
     ]
 
 
-def run(home: Path, **env: str) -> subprocess.CompletedProcess:
+def run(home: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
+    """The sweep command (with ``extra`` arguments) to its end."""
     home.mkdir(parents=True, exist_ok=True)
     return subprocess.run(
-        sweep_cmd(home),
+        sweep_cmd(home, *extra),
         cwd=home,
         env=subprocess_env(home, **env),
         capture_output=True,
@@ -179,19 +180,8 @@ def test_killed_sweep_is_continued_once_by_two_launchers(tmp_path: Path, referen
     assert any("resume" in ln and "sweep, running, dead, 1/3 trials" in ln for ln in lines), lines
     assert any("continues when its sweep does" in ln for ln in lines), lines
 
-    launchers = [
-        subprocess.Popen(
-            resume_cmd(home),
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in launchers]
-    assert [p.returncode for p in launchers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    codes, outputs = run_at_once(resume_cmd(home), 2, tmp_path, env)
+    assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     done = check_complete_sweep(home)
     info = session_info(job)
     assert info["resumes"] == 1 and info["status"] == "completed"  # continued once
@@ -209,11 +199,10 @@ def test_pruned_trial_stops_early_and_stays_pruned(tmp_path: Path):
     home.mkdir()
     # One completed trial is enough for the median; with seed 42, trial 1's first
     # evaluation (step 3 of 6) is worse than trial 0's: it is pruned there.
-    cmd = sweep_cmd(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1")
+    extra = ("hydra.sweeper.n_trials=2", "hydra.sweeper.pruner.n_startup_trials=1")
 
     def go() -> subprocess.CompletedProcess:
-        env = subprocess_env(home)
-        return subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True, timeout=600)
+        return run(home, *extra)
 
     out = go()
     assert out.returncode == 0, out.stderr[-3000:]
@@ -240,7 +229,8 @@ def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
     refused without touching the study; then the same command finishes it."""
     home = tmp_path / "home"
     home.mkdir()
-    env = subprocess_env(home, SO8T_FAULT_STEP_SECONDS="0.3")
+    slow = {"SO8T_FAULT_STEP_SECONDS": "0.3"}
+    env = subprocess_env(home, **slow)
     job = home / "multirun" / "sweeps" / STUDY / "0"
     with open(tmp_path / "sweep.log", "w") as log:
         proc = subprocess.Popen(
@@ -248,9 +238,7 @@ def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
         )
         try:
             wait_for(lambda: session_info(job).get("current_step", 0) >= 2, 300, "a checkpoint")
-            second = subprocess.run(
-                sweep_cmd(home), cwd=home, env=env, capture_output=True, text=True, timeout=300
-            )
+            second = run(home, **slow)
             assert second.returncode == 3, second.stderr[-3000:]
             assert "another sweeper is running this sweep" in second.stderr
             parents, _ = mlflow_runs(home)
@@ -262,8 +250,7 @@ def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
     assert session_info(job)["status"] == "interrupted"
     assert mlflow_runs(home)[0][0].info.status == "KILLED"
 
-    changed = sweep_cmd(home, "trainer.optimizer.lr=interval(0.001,0.002)")
-    out = subprocess.run(changed, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    out = run(home, "trainer.optimizer.lr=interval(0.001,0.002)")
     assert out.returncode != 0 and "use a new hydra.sweeper.study_name" in out.stderr, out.stderr[
         -2000:
     ]
@@ -279,17 +266,14 @@ def test_failed_trials_within_max_failures(tmp_path: Path):
     """A trial whose training raises is FAIL; within ``max_failures`` the sweep goes on and
     ends FINISHED; one more stops it with an error naming the setting."""
     home = tmp_path / "home"
-    home.mkdir()
-    env = subprocess_env(home, SO8T_FAULT_FAIL_AT_STEP="2")
-    one = sweep_cmd(home, "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failures=1")
-    out = subprocess.run(one, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    fail = {"SO8T_FAULT_FAIL_AT_STEP": "2"}
+    out = run(home, "hydra.sweeper.n_trials=1", "hydra.sweeper.max_failures=1", **fail)
     assert out.returncode == 0, out.stderr[-3000:]
     assert [t.state for t in trials(home)] == [TrialState.FAIL]
     parents, children = mlflow_runs(home)
     assert parents[0].info.status == "FINISHED"
     assert children[0].data.tags["optuna.trial.state"] == "FAIL"
 
-    two = sweep_cmd(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failures=1")
-    out = subprocess.run(two, cwd=home, env=env, capture_output=True, text=True, timeout=300)
+    out = run(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failures=1", **fail)
     assert out.returncode == 1 and "hydra.sweeper.max_failures=1" in out.stderr, out.stderr[-3000:]
     assert [t.state for t in trials(home)] == [TrialState.FAIL, TrialState.FAIL]

@@ -17,6 +17,7 @@ from so8t_exp.paths import sqlite_uri
 from tests.conftest import (
     history,
     only_run,
+    run_at_once,
     run_train,
     session_info,
     start_train,
@@ -191,19 +192,8 @@ def test_two_launchers_at_once_resume_the_run_once(tmp_path, store):
     run_dir = killed_run(tmp_path, store)
     run_id = session_info(run_dir)["session_id"]
     env = subprocess_env(tmp_path)
-    procs = [
-        subprocess.Popen(
-            resume_cmd(store),
-            cwd=tmp_path,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outputs
+    codes, outputs = run_at_once(resume_cmd(store), 2, tmp_path, env, timeout=300)
+    assert codes == [0, 0], outputs
     assert sum("launching:" in o for o in outputs) == 1, outputs
     client, run = only_run(store)
     claims = sorted(k for k in run.data.params if k.startswith("so8t.resume.claim."))

@@ -14,7 +14,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.conftest import session_info, subprocess_env, wait_for
-from tests.test_hparams_sweep import STUDY, check_complete_sweep, sweep_cmd, trials
+from tests.test_hparams_sweep import STUDY, check_complete_sweep, run, sweep_cmd, trials
 
 pytestmark = pytest.mark.slow
 
@@ -23,15 +23,7 @@ PARALLEL = "hydra.sweeper.n_jobs=2"
 
 def test_two_trials_at_once_end_as_a_sequential_sweep(tmp_path: Path):
     home = tmp_path / "home"
-    home.mkdir()
-    out = subprocess.run(
-        sweep_cmd(home, PARALLEL),
-        cwd=home,
-        env=subprocess_env(home),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = run(home, PARALLEL)
     assert out.returncode == 0, out.stderr[-3000:]
     done = check_complete_sweep(home)
     # each child reported its evaluations to the study itself (steps 3 and 6)
@@ -76,9 +68,7 @@ def test_killed_sweeper_stops_its_trials_and_continues(tmp_path: Path):
     runs = {n: session_info(sweep / str(n))["session_id"] for n in (0, 1)}
     assert all(session_info(sweep / str(n))["status"] == "interrupted" for n in (0, 1))
 
-    out = subprocess.run(
-        sweep_cmd(home, PARALLEL), cwd=home, env=env, capture_output=True, text=True, timeout=600
-    )
+    out = run(home, PARALLEL, SO8T_FAULT_STEP_SECONDS="0.3")
     assert out.returncode == 0, out.stderr[-3000:]
     check_complete_sweep(home)
     for n in (0, 1):  # each in its own folder and run, continued once
