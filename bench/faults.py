@@ -66,6 +66,10 @@ line of counts:
    ``resume.stale_after_seconds`` while launchers of host B (``SO8T_HOST_ID``) watch it, before,
    during and after the stall. ``stall_runs`` runs; ``finished_once_by_one_trainer`` 1 if the
    run FINISHED with every step once and exactly one trainer (A, or B's after fencing A) ended it.
+9. sweep (``bench/fault_sweep.py``): an Optuna sweep killed at random moments, continued by
+   its command or the launcher (sometimes two at once) until it ends; compared with an
+   uninterrupted one. ``sweep_kills``, ``sweep_trials_expected``, ``sweep_trials_finished``,
+   ``sweep_trials_duplicated``, ``sweep_trials_orphaned``, ``sweep_params_equal``.
 
 ``problems`` counts the PROBLEM blocks printed above the JSON line; ``seconds`` is wall time.
 """
@@ -92,6 +96,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import fault_sweep
 import psutil
 import torch
 from mlflow.tracking import MlflowClient
@@ -113,6 +118,7 @@ SCENARIOS = (
     "crash_loop",
     "half_claim",
     "stall",
+    "sweep",
 )
 _TMP_WRITE = re.compile(r"^\.tmp-(rolling|best|emergency|final)-step\d+-\d+$")
 _INTERESTING = re.compile(
@@ -130,6 +136,8 @@ KEYS = {
     "crash_loop": "given_up_after_attempts",
     "half_claim": "half_claims finished_after_half_claim",
     "stall": "stall_runs finished_once_by_one_trainer",
+    "sweep": "sweep_kills sweep_trials_expected sweep_trials_finished sweep_trials_duplicated "
+    "sweep_trials_orphaned sweep_params_equal",
 }
 
 
@@ -1217,6 +1225,7 @@ RUNNERS = {
     "crash_loop": scenario_crash_loop,
     "half_claim": scenario_half_claim,
     "stall": scenario_stall,
+    "sweep": fault_sweep.scenario_sweep,
 }
 
 
