@@ -1,17 +1,25 @@
-"""``python -m so8t_exp.sessions``: what every session is doing, and what the launcher
-would do with it.
+"""``python -m so8t_exp.sessions``: what every session and Optuna sweep is doing, and what
+the launcher would do with it.
 
-    python -m so8t_exp.sessions [list] [key=value ...]         # table
+    python -m so8t_exp.sessions [list] [key=value ...]         # tables
     python -m so8t_exp.sessions show RUN_ID [key=value ...]
     python -m so8t_exp.sessions abandon RUN_ID [key=value ...]  # tag given-up: left alone
+
+``list`` prints the sessions, then the Optuna sweeps (``train -m hparams_search=...``): a
+row per sweep (trials finished of ``n_trials``, best value so far and its trial, state,
+what the launcher would do) with its trials' rows under it; a trial is listed there only.
+``show`` of a sweep's parent run gives the sweep (study, folder, best trial, parameters
+and value, why the launcher would continue it or not) and each trial; ``abandon`` of it
+gives the whole sweep up. A trial is not abandoned alone: it resumes only with its sweep.
 
 ``key=value`` overrides are the resume launcher's (conf/resume.yaml), as for
 ``python -m so8t_exp.resume``: ``tracking.uri=...``, ``tracking.experiment=...``,
 ``resume.experiments=[a,b]``, ``resume.stale_after_seconds=...``,
 ``tracking.startup_timeout_seconds=...``.
 
-Exit codes: 0 done; 2 bad arguments or config; 4 no such run; 6 the tracking store is
-unreachable (after ``tracking.startup_timeout_seconds``) or unusable.
+Exit codes: 0 done; 2 bad arguments or config, or ``abandon`` of a sweep's trial (the
+message names its sweep's run id); 4 no such run; 6 the tracking store is unreachable
+(after ``tracking.startup_timeout_seconds``) or unusable.
 """
 
 from __future__ import annotations
@@ -38,10 +46,12 @@ from so8t_exp.host import host_id
 from so8t_exp.launcher import judge
 from so8t_exp.overrides import compose
 from so8t_exp.progress_log import newest, tail
+from so8t_exp.sweep_resume import trials_of
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.errors import TrackingUnavailable, check_store, is_missing
 from so8t_exp.tracking.metrics import retry
 from so8t_exp.tracking.runs import GIVEN_UP, RESUME_COUNT, RunRecord, RunRegistry
+from so8t_exp.tracking.sweep import PARENT_RUN, is_study_sweep
 from so8t_exp.verdict import is_local
 
 COMMANDS = ("list", "show", "abandon")
@@ -49,7 +59,8 @@ COMMANDS = ("list", "show", "abandon")
 _LEGACY = {"--tracking-uri": "tracking.uri", "--experiment": "resume.experiments"}
 
 
-def _age(seconds: float | None) -> str:
+def age_text(seconds: float | None) -> str:
+    """``42s``, ``5m``, ``3h``, ``2d``; ``-`` for None."""
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -74,7 +85,7 @@ def progress_lines(run: RunRecord) -> list[dict]:
     return tail(folder / "progress_logs" / "progress.jsonl") if folder else []
 
 
-def _eta(lines: list[dict], alive: bool, now: float) -> str:
+def eta_text(lines: list[dict], alive: bool, now: float) -> str:
     """``MM-DD HH:MM (left)`` in this host's time, from the newest line; only for a run that
     is training now (a dead or finished run's last estimate would mislead)."""
     try:
@@ -83,7 +94,7 @@ def _eta(lines: list[dict], alive: bool, now: float) -> str:
         eta = None
     if eta is None:
         return "-"
-    return f"{eta.astimezone():%m-%d %H:%M} ({_age(max(eta.timestamp() - now, 0))})"
+    return f"{eta.astimezone():%m-%d %H:%M} ({age_text(max(eta.timestamp() - now, 0))})"
 
 
 def row(
@@ -103,22 +114,23 @@ def row(
         "status": f"{run.status}/{decision.state}",
         "step": f"{step}/{run.params.get('trainer.max_steps', '?')}",
         "loss": f"{loss:.4g}" if isinstance(loss, (int, float)) else "-",
-        "eta": _eta(lines, decision.state == "alive", now),
+        "eta": eta_text(lines, decision.state == "alive", now),
         "checkpoint": run.tags.get("so8t.checkpoint.latest", "-"),
-        "ckpt_age": _age(now - latest if latest else None),
+        "ckpt_age": age_text(now - latest if latest else None),
         "resumes": run.tags.get(RESUME_COUNT, "0"),
         "folder": str(run.session_dir or "-"),
     }
 
 
 def print_table(rows: list[dict[str, str]]) -> None:
+    """Left-aligned columns under the first row's keys; ``no sessions`` when empty."""
     if not rows:
         print("no sessions")
         return
     widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
-    print("  ".join(k.ljust(w) for k, w in widths.items()))
+    print("  ".join(k.ljust(w) for k, w in widths.items()).rstrip())
     for r in rows:
-        print("  ".join(r[k].ljust(w) for k, w in widths.items()))
+        print("  ".join(r[k].ljust(w) for k, w in widths.items()).rstrip())
 
 
 class UsageError(ValueError):
@@ -186,24 +198,51 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(command: str, run_id: str | None, registry: RunRegistry, cfg: DictConfig) -> int:
+    # (imported here: the sweep view builds on this module's rows and cells)
+    from so8t_exp import sessions_sweeps as sweeps
+
     rcfg: ResumeConfig = OmegaConf.to_object(cfg.resume)
     seconds, now = cfg.tracking.startup_timeout_seconds, time.time()
     if command == "list":
         experiments = rcfg.experiments or [cfg.tracking.experiment]
-        runs = retry("read the runs", seconds, registry.runs, experiments, False)
-        print_table([row(r, rcfg, now) for r in runs])
+        runs = retry("read the runs", seconds, registry.runs, experiments, False, True)
+        loose, found = sweeps.split(runs)
+        if loose or not found:
+            print_table([row(r, rcfg, now) for r in loose])
+        rows = []
+        for parent, trials in found:
+            sweep = sweeps.load(registry, parent, trials, rcfg, now, seconds)
+            rows += sweeps.sweep_rows(sweep, rcfg, now)
+        if rows:
+            if loose:
+                print()
+            print_table(rows)
         return 0
     run = retry("read the run", seconds, registry.get, run_id)
+    study_sweep = run.is_sweep_parent and is_study_sweep(run.tags)
     if command == "abandon":
+        if sweeps.is_trial(run):
+            return report(sweeps.trial_refusal(run), EXIT_BAD_INPUT)
+        text = sweeps.abandoned(run) if study_sweep else None
         registry.set_tags(run.run_id, {GIVEN_UP: "abandoned by the user"})
-        print(f"run {run.run_id} marked given-up; the resume launcher will leave it")
+        print(text or f"run {run.run_id} marked given-up; the resume launcher will leave it")
+        return 0
+    if study_sweep:
+        runs = retry("read the runs", seconds, registry.runs, [run.experiment], False)
+        sweep = sweeps.load(registry, run, trials_of(run, runs), rcfg, now, seconds)
+        print(json.dumps(sweeps.show(sweep, rcfg, now), indent=2, ensure_ascii=False))
         return 0
     decision, lines = judge(run, rcfg, now), progress_lines(run)
     keys = ("time", "step", "percent_done", "train/loss", "train/lr", "steps_per_sec")
+    trial = {}
+    if sweeps.is_trial(run):  # (its sweep: what to show, continue or abandon instead)
+        number, state = sweeps.trial_number(run), sweeps.trial_state(run, rcfg, now)
+        trial = {"sweep_run_id": run.tags.get(PARENT_RUN), "trial": number, "state": state}
     print(
         json.dumps(
             {
                 **row(run, rcfg, now, lines),
+                **trial,
                 "last_progress_line": {k: lines[0][k] for k in keys if k in lines[0]}
                 if lines
                 else None,
