@@ -21,15 +21,25 @@ from so8t_exp.launcher import Decision, judge
 from so8t_exp.lock import is_locked
 from so8t_exp.sessions import eta_text, local_folder, progress_lines, row
 from so8t_exp.sweep_resume import describe_progress, settled, sweep_folder, trials_of
-from so8t_exp.sweeper.report import TRIAL_NUMBER, TRIAL_STATE
 from so8t_exp.tracking.metrics import retry
 from so8t_exp.tracking.runs import RunRecord, RunRegistry
-from so8t_exp.tracking.sweep import JOB_NUM, JOB_OVERRIDES, N_TRIALS, PARENT_RUN, STUDY, TRIALS_DONE
+from so8t_exp.tracking.sweep import (
+    BEST_PARAMS,
+    BEST_TRIAL,
+    JOB_NUM,
+    JOB_OVERRIDES,
+    N_TRIALS,
+    PARENT_RUN,
+    STUDY,
+    TRIAL_NUMBER,
+    TRIAL_PARAM,
+    TRIAL_STATE,
+    TRIALS_DONE,
+)
+from so8t_exp.tracking.sweep import BEST_VALUE_METRIC as BEST_VALUE
+from so8t_exp.tracking.sweep import OBJECTIVE_METRIC as OBJECTIVE
 
-# As so8t_exp.sweeper.report writes them (there as literals). Parameter values are
-# tagged as Python reprs.
-PARAM, BEST_TRIAL, BEST_PARAMS = "optuna.param.", "so8t.sweep.best_trial", "so8t.sweep.best_params"
-OBJECTIVE, BEST_VALUE = "sweep/objective", "sweep/best_value"  # metrics of the parent
+PARAM = TRIAL_PARAM  # (parameter values are tagged as Python reprs)
 
 
 def is_trial(run: RunRecord) -> bool:

@@ -37,6 +37,23 @@ def _lock_study_sweep(sweep_dir: Path) -> None:
         sys.exit(EXIT_LOCKED)
 
 
+def _record_study_sweep(config: DictConfig, sweep_dir: Path) -> dict[str, str]:
+    """How to run this Optuna sweep again (``sweep_command.json``, what the resume launcher
+    runs), written before anything else can be killed half way; the tags that make its
+    parent run an Optuna sweep's."""
+    from so8t_exp.fsutil import atomic_write_json
+    from so8t_exp.host import host_id
+    from so8t_exp.tracking.sweep import COMMAND_FILE, N_TRIALS, STUDY
+
+    hc = config.hydra
+    overrides = [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)]
+    study, n_trials = str(hc.sweeper.study_name), int(hc.sweeper.n_trials)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    command = {"overrides": overrides, "study": study, "n_trials": n_trials}
+    atomic_write_json(sweep_dir / COMMAND_FILE, command)
+    return {STUDY: study, N_TRIALS: str(n_trials), "so8t.host": host_id()}
+
+
 class SweepParent(Callback):
     """Opens the sweep's parent run, tells each job about it, closes it at the end."""
 
@@ -50,12 +67,15 @@ class SweepParent(Callback):
         from so8t_exp.tracking.sweep import open_parent  # mlflow loads with the sweep only
 
         self.uri = config.tracking.uri
+        sweep_dir = Path(config.hydra.sweep.dir)
+        study_tags = {}
         if OmegaConf.select(config, "hydra.sweeper.study_name"):
-            _lock_study_sweep(Path(config.hydra.sweep.dir))
+            _lock_study_sweep(sweep_dir)
+            study_tags = _record_study_sweep(config, sweep_dir)
         overrides = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
         try:
             run = open_parent(
-                self.uri, config.tracking.experiment, Path(config.hydra.sweep.dir), overrides
+                self.uri, config.tracking.experiment, sweep_dir, overrides, study_tags
             )
         except Exception as err:  # the jobs still run, ungrouped; each reports its own run
             log.warning("could not open the sweep's MLflow run: %s", err)

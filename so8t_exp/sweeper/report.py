@@ -15,14 +15,16 @@ import yaml
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
-from so8t_exp.fsutil import atomic_write_json
-from so8t_exp.host import host_id
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.core import Tracker
 from so8t_exp.tracking.sweep import (
-    COMMAND_FILE,
-    N_TRIALS,
-    STUDY,
+    BEST_PARAMS,
+    BEST_TRIAL,
+    BEST_VALUE_METRIC,
+    OBJECTIVE_METRIC,
+    TRIAL_NUMBER,
+    TRIAL_PARAM,
+    TRIAL_STATE,
     TRIALS_DONE,
     SweepJob,
     find_parent,
@@ -30,7 +32,6 @@ from so8t_exp.tracking.sweep import (
 
 log = logging.getLogger(__name__)
 
-TRIAL_NUMBER, TRIAL_STATE = "optuna.trial.number", "optuna.trial.state"
 OPTUNA_STUDY = "optuna.study"
 RESULTS_FILE = "optimization_results.yaml"
 
@@ -43,12 +44,8 @@ class Parent:
 
 
 def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
-    """Write how to run this sweep again into its folder (``sweep_command.json``: what the
-    resume launcher runs at boot) and mark its parent run as an Optuna sweep's."""
-    hc = sweeper.config.hydra
-    overrides = [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)]
-    command = {"overrides": overrides, "study": study.study_name, "n_trials": sweeper.n_trials}
-    atomic_write_json(sweep_dir / COMMAND_FILE, command)
+    """The sweep's parent run (opened by its Hydra callback, which also recorded the sweep's
+    command), with the count of finished trials brought up to date."""
     uri = resolve_tracking_uri(OmegaConf.select(sweeper.config, "tracking.uri"))
     try:
         tracker = Tracker(uri)
@@ -56,13 +53,10 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
         run = find_parent(tracker.client, exp_id, str(sweep_dir))
         if run is None:
             return None
-        tags = {STUDY: study.study_name, N_TRIALS: str(sweeper.n_trials), "so8t.host": host_id()}
-        tags[TRIALS_DONE] = str(len(finished(study)))
-        for key, value in tags.items():
-            tracker.client.set_tag(run.info.run_id, key, value)
+        tracker.client.set_tag(run.info.run_id, TRIALS_DONE, str(len(finished(study))))
         return Parent(uri, run.info.run_id, run.info.run_name or "")
     except Exception as err:  # (the study is the record; MLflow is the view)
-        log.warning("could not mark the sweep's MLflow run: %s", err)
+        log.warning("could not find the sweep's MLflow run: %s", err)
         return None
 
 
@@ -111,7 +105,7 @@ def trial_ended(
             return None
         parent = Parent(uri, job.parent_run_id, job.parent_name)
         if trial.state == TrialState.COMPLETE and trial.value is not None:
-            client.log_metric(parent.run_id, "sweep/objective", trial.value, step=trial.number)
+            client.log_metric(parent.run_id, OBJECTIVE_METRIC, trial.value, step=trial.number)
         _log_best(client, parent.run_id, study)
         client.set_tag(parent.run_id, TRIALS_DONE, str(len(finished(study))))
         return parent
@@ -129,7 +123,7 @@ def _tag_child(client, study: optuna.Study, trial: FrozenTrial, job_dir: Path) -
         return
     tags = {OPTUNA_STUDY: study.study_name, TRIAL_NUMBER: str(trial.number)}
     tags[TRIAL_STATE] = trial.state.name
-    tags.update({f"optuna.param.{k}": repr(v) for k, v in trial.params.items()})
+    tags.update({f"{TRIAL_PARAM}{k}": repr(v) for k, v in trial.params.items()})
     client.log_batch(child, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
@@ -153,9 +147,9 @@ def _log_best(client, run_id: str, study: optuna.Study) -> None:
         best = study.best_trial
     except ValueError:  # no COMPLETE trial yet
         return
-    client.set_tag(run_id, "so8t.sweep.best_trial", str(best.number))
-    client.set_tag(run_id, "so8t.sweep.best_params", json.dumps(best.params))
-    client.log_metric(run_id, "sweep/best_value", float(best.value), step=best.number)
+    client.set_tag(run_id, BEST_TRIAL, str(best.number))
+    client.set_tag(run_id, BEST_PARAMS, json.dumps(best.params))
+    client.log_metric(run_id, BEST_VALUE_METRIC, float(best.value), step=best.number)
 
 
 def finish(study: optuna.Study, sweep_dir: Path, parent: Parent | None) -> dict:

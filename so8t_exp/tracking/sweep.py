@@ -39,6 +39,17 @@ STUDY = "so8t.sweep.study"
 N_TRIALS = "so8t.sweep.n_trials"  # on the parent: trials the sweep ends with
 TRIALS_DONE = "so8t.sweep.trials_finished"  # on the parent, after every trial
 COMMAND_FILE = "sweep_command.json"  # in the sweep folder: how to run the sweep again
+BEST_TRIAL = "so8t.sweep.best_trial"  # on the parent: the best COMPLETE trial so far
+BEST_PARAMS = "so8t.sweep.best_params"  # on the parent: its parameters (JSON)
+OBJECTIVE_METRIC, BEST_VALUE_METRIC = "sweep/objective", "sweep/best_value"
+# On each trial's run, once it ended
+TRIAL_NUMBER, TRIAL_STATE, TRIAL_PARAM = (
+    "optuna.trial.number",
+    "optuna.trial.state",
+    "optuna.param.",
+)
+# (so8t_exp.tracking.runs' GIVEN_UP and EXPIRED; that module imports this one)
+_SETTLED = ("so8t.given_up", "so8t.expired")
 
 
 def is_study_sweep(tags: Mapping[str, str]) -> bool:
@@ -102,14 +113,31 @@ def find_parent(client: MlflowClient, experiment_id: str, sweep_dir: str) -> Run
     return runs[0] if runs else None
 
 
-def open_parent(uri: str | None, experiment: str, sweep_dir: Path, overrides: list[str]) -> Run:
-    """Create the sweep's parent run (RUNNING), or reopen the one of this sweep folder."""
+def open_parent(
+    uri: str | None,
+    experiment: str,
+    sweep_dir: Path,
+    overrides: list[str],
+    tags: dict[str, str] | None = None,
+) -> Run:
+    """Create the sweep's parent run (RUNNING), or reopen the one of this sweep folder;
+    ``tags`` are set either way. A sweep started again by hand is no longer given up or
+    expired: someone wants it to go on."""
     return retry(
-        "open the sweep run", START_RETRY_SECONDS, _open, uri, experiment, sweep_dir, overrides
+        "open the sweep run",
+        START_RETRY_SECONDS,
+        _open,
+        uri,
+        experiment,
+        sweep_dir,
+        overrides,
+        tags or {},
     )
 
 
-def _open(uri: str | None, experiment: str, sweep_dir: Path, overrides: list[str]) -> Run:
+def _open(
+    uri: str | None, experiment: str, sweep_dir: Path, overrides: list[str], extra: dict[str, str]
+) -> Run:
     tracker = Tracker(uri)
     client, folder = tracker.client, str(sweep_dir.resolve())
     exp_id = tracker.experiment_id(experiment)
@@ -120,8 +148,11 @@ def _open(uri: str | None, experiment: str, sweep_dir: Path, overrides: list[str
         fallback = _note(overrides, folder, "continued")
         text = describe.with_history(found.data.tags.get(describe.NOTE), "continued", fallback)
         client.set_tag(run_id, describe.NOTE, text)
-        if ENDED in found.data.tags:  # going again: not through until it ends again
-            client.delete_tag(run_id, ENDED)
+        for key in (ENDED, *_SETTLED):  # going again: not through until it ends again
+            if key in found.data.tags:
+                client.delete_tag(run_id, key)
+        for key, value in extra.items():
+            client.set_tag(run_id, key, value)
         return client.get_run(run_id)
     name = describe.unique_name(client, exp_id, describe.base_name(overrides, "multirun"))
     tags = {
@@ -129,6 +160,7 @@ def _open(uri: str | None, experiment: str, sweep_dir: Path, overrides: list[str
         PARENT: "true",
         SWEEP_DIR: folder,
         describe.NOTE: _note(overrides, folder, "started"),
+        **extra,
     }
     return client.create_run(exp_id, run_name=name, tags=tags)
 
