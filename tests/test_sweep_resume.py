@@ -96,9 +96,12 @@ def test_a_sweep_without_its_command_file_is_not_guessed(folder: Path):
 
 
 def test_expiry_counts_the_trials_activity(folder: Path):
-    cfg = ResumeConfig(max_age_hours=0.01)  # 36 s: the parent started 60 s ago
-    assert judge(parent(folder), cfg, trials=[]).action == "expire"
-    assert judge(parent(folder), cfg, trials=[trial(1, 2)]).action == "resume"  # beat 30 s ago
+    cfg, now = ResumeConfig(max_age_hours=1.0), time.time()
+    old = parent(folder)
+    old.start_time = now - 2 * 3600  # started 2 h ago, no heartbeat of its own
+    assert judge(old, cfg, trials=[]).action == "expire"
+    recent = trial(1, 2, **{"so8t.heartbeat": str(now - 60)})  # a trial beat a minute ago
+    assert judge(old, cfg, trials=[recent]).action == "resume"
 
 
 def test_given_up_after_attempts_without_progress(folder: Path):
