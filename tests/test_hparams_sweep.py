@@ -92,24 +92,29 @@ def check_complete_sweep(home: Path) -> list[optuna.trial.FrozenTrial]:
     return done
 
 
-def test_sweep_runs_n_trials_as_children_of_one_parent(tmp_path: Path):
-    home = tmp_path / "home"
-    out = run(home)
-    assert out.returncode == 0, out.stderr[-3000:]
-    check_complete_sweep(home)
-    # the same command again: nothing more to do, nothing new
-    out = run(home)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert len(trials(home)) == 3 and len(mlflow_runs(home)[1]) == 3
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> list[optuna.trial.FrozenTrial]:
-    """The trials of an uninterrupted sweep with the same seed."""
+def reference(tmp_path_factory) -> Path:
+    """The home of an uninterrupted sweep (same seed as every test's)."""
     home = tmp_path_factory.mktemp("reference")
     out = run(home)
     assert out.returncode == 0, out.stderr[-3000:]
-    return check_complete_sweep(home)
+    return home
+
+
+def test_sweep_runs_n_trials_as_children_of_one_parent(reference: Path):
+    check_complete_sweep(reference)
+    parent = mlflow_runs(reference)[0][0]
+    assert (
+        parent.info.status == "FINISHED" and parent.data.tags["so8t.sweep.trials_finished"] == "3"
+    )
+    command = json.loads(
+        (reference / "multirun" / "sweeps" / STUDY / "sweep_command.json").read_text()
+    )
+    assert "hydra.sweeper.n_trials=3" in command["overrides"]
+    # the same command again: nothing more to do, nothing new
+    out = run(reference)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert len(trials(reference)) == 3 and len(mlflow_runs(reference)[1]) == 3
 
 
 def kill_during_trial_1(home: Path, log_file: Path) -> Path:
@@ -135,7 +140,8 @@ def kill_during_trial_1(home: Path, log_file: Path) -> Path:
     return job
 
 
-def check_same_as(done: list, reference: list) -> None:
+def check_same_as(done: list, reference_home: Path) -> None:
+    reference = trials(reference_home)
     assert [t.params for t in done] == [t.params for t in reference]
     # (bit-exact resume: even the values match)
     assert [t.value for t in done] == [t.value for t in reference]

@@ -21,22 +21,9 @@ pytestmark = pytest.mark.slow
 PARALLEL = "hydra.sweeper.n_jobs=2"
 
 
-def test_two_trials_at_once_end_as_a_sequential_sweep(tmp_path: Path):
-    home = tmp_path / "home"
-    out = run(home, PARALLEL)
-    assert out.returncode == 0, out.stderr[-3000:]
-    done = check_complete_sweep(home)
-    # each child reported its evaluations to the study itself (steps 3 and 6)
-    assert all(sorted(t.intermediate_values) == [3, 6] for t in done), [
-        t.intermediate_values for t in done
-    ]
-    said = out.stdout + out.stderr
-    assert "trial 1: started" in said and "2 running" in said, said[-3000:]
-    sweep = home / "multirun" / "sweeps" / STUDY
-    assert all((sweep / str(n) / "trial_output.log").is_file() for n in range(3))
-
-
 def test_killed_sweeper_stops_its_trials_and_continues(tmp_path: Path):
+    """Two trials at once, each a child trainer; the sweeper SIGKILLed: they stop by
+    themselves, and the same command finishes both and the third."""
     home = tmp_path / "home"
     home.mkdir()
     env = subprocess_env(home, SO8T_FAULT_STEP_SECONDS="0.3")
@@ -70,7 +57,14 @@ def test_killed_sweeper_stops_its_trials_and_continues(tmp_path: Path):
 
     out = run(home, PARALLEL, SO8T_FAULT_STEP_SECONDS="0.3")
     assert out.returncode == 0, out.stderr[-3000:]
-    check_complete_sweep(home)
+    said = out.stdout + out.stderr
+    assert "trial 0 (resumed)" in said and "2 running" in said, said[-3000:]
+    done = check_complete_sweep(home)
+    # each child reported its evaluations to the study itself (steps 3 and 6)
+    assert all(sorted(t.intermediate_values) == [3, 6] for t in done), [
+        t.intermediate_values for t in done
+    ]
+    assert all((sweep / str(n) / "trial_output.log").is_file() for n in range(3))
     for n in (0, 1):  # each in its own folder and run, continued once
         info = session_info(sweep / str(n))
         assert (
