@@ -64,3 +64,9 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def storage_url(storage: str | None) -> str:
+    """An Optuna sweep's storage: ``storage`` as given, or sqlite beside the default MLflow
+    store (absolute, posix slashes: the same URL works on Windows)."""
+    return storage or sqlite_uri(project_root() / "mlruns" / "optuna.db")

@@ -34,6 +34,16 @@ _WINDOWS = os.name == "nt"  # (a name tests can switch)
 SIGBREAK = getattr(signal, "SIGBREAK", 21)  # (its Windows number, for tests elsewhere)
 
 
+_pending: list[int] = []  # a stop signal that came before this process's StopRequest
+
+
+def note_pending(signum: int) -> None:
+    """A stop signal caught by another handler of this process (a sweeper between trials)
+    while a run may be starting: the next :class:`StopRequest` starts out requested, so the
+    run stops at its first step boundary instead of training to its end."""
+    _pending.append(signum)
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -53,6 +63,13 @@ class StopRequest:
         self.completing = False
 
     def __enter__(self) -> StopRequest:
+        if _pending:
+            self.signum = _pending.pop()
+            _pending.clear()
+            log.warning(
+                "received %s while starting: stopping at the first step boundary",
+                signal.Signals(self.signum).name,
+            )
         if threading.current_thread() is threading.main_thread():
             for name in STOP_SIGNALS:
                 sig = getattr(signal, name)

@@ -40,16 +40,19 @@ def _lock_study_sweep(sweep_dir: Path) -> None:
 def _record_study_sweep(config: DictConfig, sweep_dir: Path) -> dict[str, str]:
     """How to run this Optuna sweep again (``sweep_command.json``, what the resume launcher
     runs), written before anything else can be killed half way; the tags that make its
-    parent run an Optuna sweep's."""
+    parent run an Optuna sweep's. The study's name and storage are kept as resolved now:
+    run again at boot, from another folder or after the YAML changed, it is the same study."""
     from so8t_exp.fsutil import atomic_write_json
     from so8t_exp.host import host_id
+    from so8t_exp.paths import storage_url
     from so8t_exp.tracking.sweep import COMMAND_FILE, N_TRIALS, STUDY
 
     hc = config.hydra
     overrides = [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)]
     study, n_trials = str(hc.sweeper.study_name), int(hc.sweeper.n_trials)
+    storage = storage_url(hc.sweeper.storage)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    command = {"overrides": overrides, "study": study, "n_trials": n_trials}
+    command = {"overrides": overrides, "study": study, "storage": storage, "n_trials": n_trials}
     atomic_write_json(sweep_dir / COMMAND_FILE, command)
     return {STUDY: study, N_TRIALS: str(n_trials), "so8t.host": host_id()}
 

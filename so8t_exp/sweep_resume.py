@@ -38,7 +38,8 @@ __all__ = ["is_study_sweep"]
 # A finished trial outweighs any number of steps in the unfinished ones.
 _TRIAL_WEIGHT = 1_000_000_000
 # Overrides the launcher sets itself when it runs a sweep again.
-_OWN_KEYS = ("hydra.sweep.dir", "tracking.uri")
+_STUDY_KEYS = {"hydra.sweeper.study_name": "study", "hydra.sweeper.storage": "storage"}
+_OWN_KEYS = ("hydra.sweep.dir", "tracking.uri", *_STUDY_KEYS)
 
 
 def trial_reason(run: RunRecord) -> str:
@@ -98,11 +99,14 @@ def command(parent: RunRecord, tracking_uri: str) -> list[str]:
     """The sweep's command line again (``-m`` and its overrides), in its own folder and
     against the store the launcher reads."""
     folder = sweep_folder(parent)
-    recorded = json.loads((folder / COMMAND_FILE).read_text(encoding="utf-8"))["overrides"]
-    kept = [o for o in recorded if o.split("=", 1)[0].lstrip("+~") not in _OWN_KEYS]
+    recorded = json.loads((folder / COMMAND_FILE).read_text(encoding="utf-8"))
+    kept = [o for o in recorded["overrides"] if o.split("=", 1)[0].lstrip("+~") not in _OWN_KEYS]
+    # (the study as it was resolved when the sweep started: the YAML may name another now)
+    study = [override(k, recorded[f]) for k, f in _STUDY_KEYS.items() if recorded.get(f)]
     return [
         "-m",
         *kept,
+        *study,
         override("hydra.sweep.dir", folder.as_posix()),
         override("tracking.uri", tracking_uri),
     ]

@@ -20,6 +20,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from so8t_exp import trial_link
 from so8t_exp.cli_errors import (
     EXIT_BAD_INPUT,
     EXIT_LOCKED,
@@ -94,6 +95,7 @@ def _run_lost(err: RunNotFound, session_dir: Path) -> str:
 
 def main() -> None:
     """``python -m so8t_exp.train``: Hydra's config errors exit 2 with one line."""
+    trial_link.watch_sweeper()  # (a parallel sweep's trial: stop when its sweeper is gone)
     with hydra_config_errors():
         _app()
 

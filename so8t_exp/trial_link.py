@@ -122,23 +122,40 @@ def _link_from(spec: dict[str, Any]) -> TrialLink:
         study_name=spec["study"], storage=spec["storage"], pruner=build_pruner(spec["pruner"])
     )
     trial = optuna.trial.Trial(study, spec["trial_id"])
-    _watch_sweeper(int(spec["sweeper_pid"]))
+    watch_sweeper()  # (started at the process's start already: see so8t_exp.train.main)
     return TrialLink(trial, spec["objective"], Path(spec["job_dir"]), spec["pruner"] is not None)
 
 
-def _watch_sweeper(pid: int) -> None:
-    """Stop this trainer as SIGTERM would (emergency checkpoint, trial left to resume)
-    once its sweeper is gone: nobody would tell its result, and the sweeper's next run
-    must find the folder free."""
+_watching = False
+
+
+def watch_sweeper() -> None:
+    """In a trial's child process (``SO8T_TRIAL`` set): stop as SIGTERM would (emergency
+    checkpoint once training, trial left to resume) when the sweeper that started it is
+    gone — nobody would tell its result, and the sweeper's next run must find its folder
+    free. Started as the process starts, before it waits for the folder's lock or loads
+    anything; once per process."""
+    global _watching
+    spec = os.environ.get(TRIAL_ENV)
+    if not spec or _watching:
+        return
+    _watching = True
     import psutil
 
+    pid = int(json.loads(spec)["sweeper_pid"])
     try:
         sweeper = psutil.Process(pid)
     except psutil.NoSuchProcess:
         sweeper = None
 
+    def alive() -> bool:
+        try:  # (a zombie is gone too: exited, not yet reaped by its own parent)
+            return sweeper.is_running() and sweeper.status() != psutil.STATUS_ZOMBIE
+        except psutil.Error:
+            return False
+
     def watch() -> None:
-        while sweeper is not None and sweeper.is_running():
+        while sweeper is not None and alive():
             time.sleep(_WATCH_SECONDS)
         log.warning("the sweeper (pid %d) is gone: stopping this trial to resume later", pid)
         # (delivered to the main thread's handler, the one a real SIGTERM reaches)

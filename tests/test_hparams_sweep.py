@@ -235,7 +235,8 @@ def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
     refused without touching the study; then the same command finishes it."""
     home = tmp_path / "home"
     home.mkdir()
-    slow = {"SO8T_FAULT_STEP_SECONDS": "0.3"}
+    # Slow enough that trial 0 is still training after a whole second sweeper's start.
+    slow = {"SO8T_FAULT_STEP_SECONDS": "3"}
     env = subprocess_env(home, **slow)
     job = home / "multirun" / "sweeps" / STUDY / "0"
     with open(tmp_path / "sweep.log", "w") as log:
@@ -283,3 +284,5 @@ def test_failed_trials_within_max_failures(tmp_path: Path):
     out = run(home, "hydra.sweeper.n_trials=2", "hydra.sweeper.max_failures=1", **fail)
     assert out.returncode == 1 and "hydra.sweeper.max_failures=1" in out.stderr, out.stderr[-3000:]
     assert [t.state for t in trials(home)] == [TrialState.FAIL, TrialState.FAIL]
+    # final for the launcher (each boot would fail one more trial)
+    assert "max_failures" in mlflow_runs(home)[0][0].data.tags["so8t.given_up"]

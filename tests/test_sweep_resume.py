@@ -5,6 +5,7 @@ Real folders and real OS locks; the runs are records as the registry reads them.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from so8t_exp.config import ResumeConfig
 from so8t_exp.host import host_id
 from so8t_exp.lock import SessionLock
+from so8t_exp.signals import StopRequest, note_pending
 from so8t_exp.sweep_resume import command, progress
 from so8t_exp.tracking.runs import ATTEMPTS, GIVEN_UP, LAST_STEP, RunRecord
 from so8t_exp.verdict import judge
@@ -102,6 +104,19 @@ def test_expiry_counts_the_trials_activity(folder: Path):
     assert judge(old, cfg, trials=[]).action == "expire"
     recent = trial(1, 2, **{"so8t.heartbeat": str(now - 60)})  # a trial beat a minute ago
     assert judge(old, cfg, trials=[recent]).action == "resume"
+    between = parent(folder, **{"so8t.heartbeat": str(now - 60)})  # the sweeper, between trials
+    between.start_time = now - 2 * 3600
+    assert judge(between, cfg, trials=[]).action == "resume"
+
+
+def test_a_signal_before_the_trainer_starts_is_not_lost():
+    """SIGTERM to a sweeper while its next trial starts: the trainer's stop request, made
+    later, starts out requested (it stops at its first step boundary)."""
+    note_pending(signal.SIGTERM)
+    with StopRequest() as stop:
+        assert stop.requested and stop.exit_code == 143
+    with StopRequest() as stop:  # (once)
+        assert not stop.requested
 
 
 def test_given_up_after_attempts_without_progress(folder: Path):
@@ -114,7 +129,13 @@ def test_given_up_after_attempts_without_progress(folder: Path):
 
 
 def test_command_runs_the_sweep_again_in_its_folder(folder: Path):
+    recorded = json.loads((folder / "sweep_command.json").read_text())
+    recorded.update(study="s", storage="sqlite:////abs/optuna.db")
+    (folder / "sweep_command.json").write_text(json.dumps(recorded))
     cmd = command(parent(folder), "sqlite:///new.db")
+    # the study as resolved at its start, whatever the YAML says now
+    assert "hydra.sweeper.study_name='s'" in cmd
+    assert "hydra.sweeper.storage='sqlite:////abs/optuna.db'" in cmd
     assert (
         cmd[0] == "-m" and "hydra.sweeper.n_trials=3" in cmd and "hparams_search=eval_loss" in cmd
     )

@@ -24,7 +24,7 @@ from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.sweeper import report
 from so8t_exp.sweeper.parallel import ParallelTrials
 from so8t_exp.sweeper.space import SearchSpace, search_space
-from so8t_exp.sweeper.stop import BetweenTrials
+from so8t_exp.sweeper.stop import NOT_THE_TRIAL, BetweenTrials
 from so8t_exp.sweeper.study import SweepBusy, lock_sweep, open_study, sampler_for
 
 log = logging.getLogger(__name__)
@@ -37,21 +37,21 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep_dir = Path(sweeper.config.hydra.sweep.dir).resolve()
     try:
-        lock = lock_sweep(sweep_dir)
+        # Held until this process exits, not just to the end of this function: its parent
+        # run is closed after (Hydra's callback), and a sweeper started in between would
+        # see that close land on its own, reopened run.
+        lock_sweep(sweep_dir)
     except SweepBusy as err:  # (exit 3, like a locked session: the launcher moves on)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_LOCKED)
-    try:
-        with BetweenTrials() as stop:
-            space = search_space(sweeper.params, arguments)
-            study = open_study(sweeper, space)
-            runner = TrialRunner(sweeper, study, space, sweep_dir, stop)
-            runner.parent = report.start(sweeper, sweep_dir, study)
-            _run_trials(runner)
-            report.retag_children(study, runner._uri())
-            return report.finish(study, sweep_dir, runner.parent)
-    finally:
-        lock.release()
+    with BetweenTrials() as stop:
+        space = search_space(sweeper.params, arguments)
+        study = open_study(sweeper, space, sweep_dir)
+        runner = TrialRunner(sweeper, study, space, sweep_dir, stop)
+        runner.parent = report.start(sweeper, sweep_dir, study)
+        _run_trials(runner)
+        report.resync(study, runner.parent)
+        return report.finish(study, sweep_dir, runner.parent)
 
 
 def _run_trials(runner: TrialRunner) -> None:
@@ -100,8 +100,8 @@ class TrialRunner:
         finally:  # (a SystemExit from a signal passes: the trial stays RUNNING, resumable)
             trial_link.detach()
         code = ret.return_value if ret.status == JobStatus.COMPLETED else None
-        if code == EXIT_LOCKED:
-            self.stop_locked(trial, job_dir)
+        if code in NOT_THE_TRIAL:
+            self.stop_sweep(trial, job_dir, code)
         # (_return_value: the exception of a failed job, the exit code of a returned one;
         # the return_value property would re-raise the exception)
         failed = (
@@ -132,11 +132,13 @@ class TrialRunner:
         log.info("trial %d%s: %s", number, " (resumed)" if frozen else "", trial.params)
         return trial, job_dir
 
-    def stop_locked(self, trial, job_dir: Path) -> None:
-        """Its folder is in use by a live trainer (not this trial's failure): stop, and
-        leave the trial RUNNING for the next run of the sweep."""
-        log.error("trial %d: its folder %s is in use; sweep stopped", trial.number, job_dir)
-        sys.exit(EXIT_LOCKED)
+    def stop_sweep(self, trial, job_dir: Path, code: int) -> None:
+        """The trial's trainer stopped for a reason of its own (:data:`NOT_THE_TRIAL`):
+        stop, leaving the trial RUNNING for the next run of the sweep."""
+        log.error(
+            "trial %d stopped (exit %d, see %s); the sweep stops", trial.number, code, job_dir
+        )
+        sys.exit(code)
 
     def conclude(
         self, trial, job_dir: Path, failed: object, pruned: bool, value: float | None
@@ -165,10 +167,14 @@ class TrialRunner:
         self._tell(trial, job_dir, TrialState.FAIL, None)
         self.failures += 1
         if self.failures > self.sweeper.max_failures:
-            raise RuntimeError(
+            why = (
                 f"{self.failures} failed trials (hydra.sweeper.max_failures="
                 f"{self.sweeper.max_failures}); see {job_dir}"
             )
+            # Final for the resume launcher (each boot would fail one more trial); running
+            # the sweep's command by hand, say with a larger max_failures, clears it.
+            report.give_up(self.parent, why)
+            raise RuntimeError(why)
 
     def _tell(self, trial, job_dir: Path, state: TrialState, value: float | None) -> None:
         trial.set_user_attr("job_dir", job_dir.as_posix())

@@ -29,9 +29,9 @@ from pathlib import Path
 from optuna.trial import FrozenTrial, TrialState
 
 from so8t_exp import trial_link
-from so8t_exp.cli_errors import EXIT_LOCKED
 from so8t_exp.overrides import override
-from so8t_exp.sweeper.study import storage_url
+from so8t_exp.paths import storage_url
+from so8t_exp.sweeper.stop import NOT_THE_TRIAL
 from so8t_exp.tracking.sweep import SweepJob
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,22 @@ class ParallelTrials:
         done.output.close()
         trial, job_dir = done.trial, done.job_dir
         code = 128 - code if code < 0 else code  # (killed by signal N: 128+N, as a shell)
-        if code >= 128 or code == EXIT_LOCKED:
-            why = "its folder is in use" if code == EXIT_LOCKED else f"stopped (exit {code})"
-            log.error("trial %d: %s; left RUNNING, the sweep stops", trial.number, why)
+        if code >= 128 or code in NOT_THE_TRIAL or (code == 1 and not _failed(job_dir)):
+            # (exit 1 without a failed session: killed hard, as Windows' taskkill /F does)
+            log.error(
+                "trial %d stopped (exit %d); left RUNNING, the sweep stops", trial.number, code
+            )
             self.stop_code = self.stop_code or code
             return
         result = trial_link.read_result(job_dir) or {}
         pruned = result.get("state") == "PRUNED"
         self.runner.conclude(trial, job_dir, code or None, pruned, None)
+
+
+def _failed(job_dir: Path) -> bool:
+    """Whether the trial's trainer recorded a failure (its session says ``failed``)."""
+    try:
+        info = json.loads((job_dir / "session_info.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return info.get("status") == "failed"

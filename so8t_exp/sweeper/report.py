@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from so8t_exp.tracking import resolve_tracking_uri
-from so8t_exp.tracking.core import Tracker
+from so8t_exp.tracking.core import HEARTBEAT_TAG, Tracker
 from so8t_exp.tracking.sweep import (
     BEST_PARAMS,
     BEST_TRIAL,
@@ -53,11 +54,30 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
         run = find_parent(tracker.client, exp_id, str(sweep_dir))
         if run is None:
             return None
-        tracker.client.set_tag(run.info.run_id, TRIALS_DONE, str(len(finished(study))))
+        _progress(tracker.client, run.info.run_id, study)
         return Parent(uri, run.info.run_id, run.info.run_name or "")
     except Exception as err:  # (the study is the record; MLflow is the view)
         log.warning("could not find the sweep's MLflow run: %s", err)
         return None
+
+
+def _progress(client, run_id: str, study: optuna.Study) -> None:
+    """The finished trials' count, and a heartbeat: a sweep between trials (or whose trial
+    has no run yet) is still alive to the launcher's ``resume.max_age_hours``."""
+    client.set_tag(run_id, TRIALS_DONE, str(len(finished(study))))
+    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+
+
+def give_up(parent: Parent | None, why: str) -> None:
+    """Tag the sweep given up (``so8t.given_up``, as the launcher does for a run)."""
+    if parent is None:
+        return
+    from mlflow.tracking import MlflowClient
+
+    try:
+        MlflowClient(parent.uri).set_tag(parent.run_id, "so8t.given_up", why)
+    except Exception as err:
+        log.warning("could not mark the sweep given up: %s", err)
 
 
 def finished(study: optuna.Study) -> list[FrozenTrial]:
@@ -107,7 +127,7 @@ def trial_ended(
         if trial.state == TrialState.COMPLETE and trial.value is not None:
             client.log_metric(parent.run_id, OBJECTIVE_METRIC, trial.value, step=trial.number)
         _log_best(client, parent.run_id, study)
-        client.set_tag(parent.run_id, TRIALS_DONE, str(len(finished(study))))
+        _progress(client, parent.run_id, study)
         return parent
     except Exception as err:  # (the study is the record; MLflow is the view)
         log.warning("could not record trial %d in MLflow: %s", trial.number, err)
@@ -127,19 +147,27 @@ def _tag_child(client, study: optuna.Study, trial: FrozenTrial, job_dir: Path) -
     client.log_batch(child, tags=[RunTag(k, v) for k, v in tags.items()])
 
 
-def retag_children(study: optuna.Study, uri: str | None) -> None:
-    """Tag every finished trial's run again: a sweep killed between a trial's tell and its
-    tagging left that run untagged, and no later trial would go back to it."""
+def resync(study: optuna.Study, parent: Parent | None) -> None:
+    """Bring MLflow up to the study at the end of a sweep: a sweep killed between a trial's
+    tell and its recording left that trial's run untagged, its objective point missing from
+    the parent (and the parent's best trial stale); no later trial would go back to them."""
+    if parent is None:
+        return
     from mlflow.tracking import MlflowClient
 
     try:
-        client = MlflowClient(resolve_tracking_uri(uri))
+        client = MlflowClient(parent.uri)
+        logged = {m.step for m in client.get_metric_history(parent.run_id, OBJECTIVE_METRIC)}
         for trial in finished(study):
             job_dir = trial.user_attrs.get("job_dir")
             if job_dir:
                 _tag_child(client, study, trial, Path(job_dir))
+            if trial.state == TrialState.COMPLETE and trial.number not in logged:
+                client.log_metric(parent.run_id, OBJECTIVE_METRIC, trial.value, step=trial.number)
+        _log_best(client, parent.run_id, study)
+        _progress(client, parent.run_id, study)
     except Exception as err:
-        log.warning("could not tag the trials' MLflow runs: %s", err)
+        log.warning("could not bring the sweep's MLflow runs up to date: %s", err)
 
 
 def _log_best(client, run_id: str, study: optuna.Study) -> None:

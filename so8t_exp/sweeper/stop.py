@@ -14,9 +14,16 @@ import signal
 import sys
 import threading
 
+from so8t_exp.cli_errors import EXIT_FENCED, EXIT_LOCKED, EXIT_RUN_LOST, EXIT_TRACKING
 from so8t_exp.signals import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
+
+# A trainer's exit codes that say nothing about the trial's parameters: its folder is in use
+# (3), another process took its run over (5), the tracking store is unreachable (6) or lost
+# the run (7). The trial stays RUNNING and the sweep stops with that code, to be continued
+# (a FAIL would be final, and count against max_failures).
+NOT_THE_TRIAL = (EXIT_LOCKED, EXIT_FENCED, EXIT_TRACKING, EXIT_RUN_LOST)
 
 
 class BetweenTrials:

@@ -11,29 +11,24 @@ import optuna
 from optuna.samplers import TPESampler
 
 from so8t_exp.lock import SessionLock, SessionLocked, hold
-from so8t_exp.paths import project_root, sqlite_uri
+from so8t_exp.paths import storage_url
 from so8t_exp.sweeper.space import SearchSpace
 
 log = logging.getLogger(__name__)
 
 # What a resumed study must agree on with the one that started it (user attributes).
-SPACE, SEED, OBJECTIVE, DIRECTION, VERSION = (
+SPACE, SEED, OBJECTIVE, DIRECTION, FOLDER, VERSION = (
     "so8t.space",
     "so8t.seed",
     "so8t.objective",
     "so8t.direction",
+    "so8t.sweep_dir",
     "so8t.optuna",
 )
 
 
 class SweepBusy(RuntimeError):
     """Another sweeper is running this study."""
-
-
-def storage_url(storage: str | None) -> str:
-    """``storage`` as given, or sqlite beside the default MLflow store (absolute, posix
-    slashes: the same URL works on Windows)."""
-    return storage or sqlite_uri(project_root() / "mlruns" / "optuna.db")
 
 
 def lock_sweep(sweep_dir: Path) -> SessionLock:
@@ -61,9 +56,11 @@ def build_pruner(kwargs: dict[str, Any] | None) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(**kwargs)
 
 
-def open_study(sweeper, space: SearchSpace) -> optuna.Study:
+def open_study(sweeper, space: SearchSpace, sweep_dir: Path) -> optuna.Study:
     """Create the study, or load it; refuse to continue a study with another search space,
-    seed, objective or direction (its trials would not be comparable)."""
+    seed, objective or direction (its trials would not be comparable), or in another sweep
+    folder (trial N is folder N: two folders would train one trial twice, and the folder's
+    lock would not keep a second sweeper out)."""
     study = optuna.create_study(
         study_name=sweeper.study_name,
         storage=storage_url(sweeper.storage),
@@ -77,6 +74,7 @@ def open_study(sweeper, space: SearchSpace) -> optuna.Study:
         SEED: sweeper.seed,
         OBJECTIVE: sweeper.objective,
         DIRECTION: sweeper.direction,
+        FOLDER: sweep_dir.as_posix(),
     }
     have = study.user_attrs
     changed = [k for k, v in want.items() if k in have and have[k] != v]
