@@ -79,7 +79,10 @@ class Evaluations:
         p.last_eval_step = p.step
         p.confusion = result.confusion or p.confusion
         self.log_metrics(result.metrics, p.step)
-        if self.trial is not None and self.trial.report(result.metrics, p.step):
+        # (the last evaluation is the trial's result, not a reason to stop: nothing is left
+        # to save by pruning, and a trained-to-the-end trial reads as COMPLETE)
+        final = p.step >= self.last
+        if self.trial is not None and self.trial.report(result.metrics, p.step, final):
             log.info("trial pruned at step %d by the sweep's pruner", p.step)
             self.pruned = True
         return self.best.improved(result.metrics, p)

@@ -55,8 +55,9 @@ class TrialLink:
         self.final_step: int | None = None
         self.pruned = False
 
-    def report(self, metrics: Mapping[str, float], step: int) -> bool:
-        """Record one evaluation at optimizer ``step``; True: prune the trial now."""
+    def report(self, metrics: Mapping[str, float], step: int, final: bool = False) -> bool:
+        """Record one evaluation at optimizer ``step``; True: prune the trial now (never at
+        the ``final`` one)."""
         value = objective_value(metrics, self.objective)
         if value is None or not math.isfinite(value):
             return False
@@ -66,7 +67,7 @@ class TrialLink:
             self.trial.report(value, step)
         # should_prune is a function of the storage only: a trainer killed between the
         # report and this decision makes the same decision after its resume.
-        self.pruned = self.prune and self.trial.should_prune()
+        self.pruned = self.prune and not final and self.trial.should_prune()
         if self.pruned:  # final: a re-run tells PRUNED without training again
             write_result(self.job_dir, {"state": "PRUNED", "value": value, "step": step})
         return self.pruned
