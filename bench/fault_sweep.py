@@ -48,8 +48,10 @@ def _faults(suite) -> ModuleType:
 class Sweep:
     """One sweep's home: its command, its study, its job folders and MLflow runs."""
 
-    def __init__(self, suite, name: str, n_trials: int, **env: str) -> None:
-        self.suite, self.f, self.n_trials = suite, _faults(suite), n_trials
+    def __init__(
+        self, suite, name: str, n_trials: int, extra: tuple[str, ...] = (), **env: str
+    ) -> None:
+        self.suite, self.f, self.n_trials, self.extra = suite, _faults(suite), n_trials, extra
         self.home = suite.folder(name)
         self.store = sqlite_uri(self.home / "mlruns" / "mlflow.db")
         self.dir = self.home / "multirun" / "sweeps" / STUDY
@@ -72,6 +74,7 @@ class Sweep:
                 "tracking.log_models=[]",
                 f"hydra.sweeper.study_name={STUDY}",
                 f"hydra.sweeper.n_trials={self.n_trials}",
+                *self.extra,
             ]
             return [self.suite.start(cmd, self.home, "sweep", self.env)]
         ov = "resume.max_attempts=1000"  # kills without progress are not a crash loop here
@@ -220,10 +223,14 @@ class Legs:
                 time.sleep(delay)
         return self.alive(procs), what
 
-    def signal(self, procs, sig: int) -> list[int]:
+    def note_killed(self) -> None:
+        """Folders training now (a checkpoint made): their resumes before the kill."""
         for n, i in self.sw.folders().items():
             if i.get("status") != "completed" and i.get("current_step", 0) > 0:
                 self.killed_in.setdefault(n, int(i.get("resumes", 0)))
+
+    def signal(self, procs, sig: int) -> list[int]:
+        self.note_killed()
         for p in procs:
             if p.poll() is None:
                 self.f.kill_group(p.pid, sig)
@@ -331,82 +338,70 @@ class Legs:
             )
 
 
-def check_end(suite, sw: Sweep, ref: list, legs: Legs) -> dict:
-    """The keys, from the study, the job folders and the MLflow runs; PROBLEMs for the rest."""
-    f = sw.f
-    trials = sw.trials()
-    states = {t.number: t.state.name for t in trials}
-    finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
-    folders = sw.folders()
-    parents, children = sw.runs()
-    by_trial: dict[int, list] = {}
-    orphaned: set[str] = {
-        f"trial {n} {s}" for n, s in states.items() if s in ("RUNNING", "WAITING")
-    }
-    for c in children:
-        number = c.data.tags.get("optuna.trial.number")
-        if c.info.status != "FINISHED":
-            orphaned.add(f"run {c.info.run_id} {c.info.status}")
-        if number is None:
-            orphaned.add(f"run {c.info.run_id} without optuna.trial.number")
-        else:
-            by_trial.setdefault(int(number), []).append(c)
-    duplicated: set[str] = {
-        f"trial {n}: {len(rs)} runs" for n, rs in by_trial.items() if len(rs) > 1
-    }
-    duplicated |= {f"folder {n}" for n in folders if n >= sw.n_trials or n not in states}
-    for n, rs in by_trial.items():
-        own = str((sw.dir / str(n)).resolve())
-        if any(r.data.tags.get("so8t.session_dir") != own for r in rs):
-            duplicated.add(f"trial {n}: a run trained outside {own}")
-        if folders.get(n, {}).get("session_id") not in {r.info.run_id for r in rs}:
-            duplicated.add(f"trial {n}: folder holds run {folders.get(n, {}).get('session_id')}")
-    for n, ids in legs.runs_of.items():
-        if len(ids) > 1:
-            duplicated.add(f"folder {n} held runs {sorted(ids)}")
-    for t in trials:
-        if t.user_attrs.get("job_dir") not in (None, (sw.dir / str(t.number)).as_posix()):
-            duplicated.add(f"trial {t.number}: job_dir {t.user_attrs['job_dir']}")
-    equal = [t.params for t in trials] == [t.params for t in ref]
-    out = {
-        "sweep_kills": legs.kills,
-        "sweep_trials_expected": sw.n_trials,
-        "sweep_trials_finished": len(finished),
-        "sweep_trials_duplicated": len(duplicated),
-        "sweep_trials_orphaned": len(orphaned),
-        "sweep_params_equal": int(equal),
-    }
+class Tally:
+    """The sweep's record at its end: the study, the job folders and the MLflow runs, with
+    what is duplicated (``duplicated``) or left unfinished (``orphaned``)."""
+
+    def __init__(self, sw: Sweep, legs: Legs) -> None:
+        self.trials = trials = sw.trials()
+        self.states = states = {t.number: t.state.name for t in trials}
+        self.finished = [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+        self.folders = folders = sw.folders()
+        self.parents, children = sw.runs()
+        self.by_trial = by_trial = {}
+        orphaned = {f"trial {n} {s}" for n, s in states.items() if s in ("RUNNING", "WAITING")}
+        for c in children:
+            number = c.data.tags.get("optuna.trial.number")
+            if c.info.status != "FINISHED":
+                orphaned.add(f"run {c.info.run_id} {c.info.status}")
+            if number is None:
+                orphaned.add(f"run {c.info.run_id} without optuna.trial.number")
+            else:
+                by_trial.setdefault(int(number), []).append(c)
+        duplicated = {f"trial {n}: {len(rs)} runs" for n, rs in by_trial.items() if len(rs) > 1}
+        duplicated |= {f"folder {n}" for n in folders if n >= sw.n_trials or n not in states}
+        for n, rs in by_trial.items():
+            own = str((sw.dir / str(n)).resolve())
+            if any(r.data.tags.get("so8t.session_dir") != own for r in rs):
+                duplicated.add(f"trial {n}: a run trained outside {own}")
+            held = folders.get(n, {}).get("session_id")
+            if held not in {r.info.run_id for r in rs}:
+                duplicated.add(f"trial {n}: folder holds run {held}")
+        for n, ids in legs.runs_of.items():
+            if len(ids) > 1:
+                duplicated.add(f"folder {n} held runs {sorted(ids)}")
+        for t in trials:
+            if t.user_attrs.get("job_dir") not in (None, (sw.dir / str(t.number)).as_posix()):
+                duplicated.add(f"trial {t.number}: job_dir {t.user_attrs['job_dir']}")
+        self.duplicated, self.orphaned = duplicated, orphaned
+
+
+def check_record(suite, sw: Sweep, legs: Legs, tally: Tally) -> None:
+    """PROBLEMs of any sweep's end: trials not all finished, duplicated or orphaned, the
+    parent run, each trial's train/loss, the trials killed mid-training resumed."""
+    f, states, folders = sw.f, tally.states, tally.folders
     suite.say(f"trials {[f'{n}:{s}' for n, s in states.items()]}; {sw.where()}")
-    if len(finished) != sw.n_trials or len(trials) != sw.n_trials:
+    if len(tally.finished) != sw.n_trials or len(tally.trials) != sw.n_trials:
         suite.problem(
-            f"{len(finished)} finished trials of {len(trials)} (n_trials={sw.n_trials})",
+            f"{len(tally.finished)} finished trials of {len(tally.trials)} "
+            f"(n_trials={sw.n_trials})",
             str(states),
             legs.logs[-3:],
         )
-    if duplicated:
-        suite.problem("trials duplicated or job folders overwritten", "; ".join(sorted(duplicated)))
-    if orphaned:
-        suite.problem("trials or child runs left unfinished", "; ".join(sorted(orphaned)))
-    if not equal:
+    if tally.duplicated:
         suite.problem(
-            "trial parameters differ from the uninterrupted sweep's",
-            f"killed: {[t.params for t in trials]}\nreference: {[t.params for t in ref]}",
+            "trials duplicated or job folders overwritten", "; ".join(sorted(tally.duplicated))
         )
-    elif [(t.value, _intermediate(t)) for t in trials] != [
-        (t.value, _intermediate(t)) for t in ref
-    ]:
-        suite.problem(
-            "trial values differ from the uninterrupted sweep's (same parameters)",
-            f"killed: {[(t.value, _intermediate(t)) for t in trials]}\n"
-            f"reference: {[(t.value, _intermediate(t)) for t in ref]}",
-        )
+    if tally.orphaned:
+        suite.problem("trials or child runs left unfinished", "; ".join(sorted(tally.orphaned)))
+    parents = tally.parents
     if len(parents) != 1 or parents[0].info.status != "FINISHED":
         suite.problem(
             f"{len(parents)} parent run(s), status {[p.info.status for p in parents]} "
             "(expected one, FINISHED)"
         )
     client = suite.client(sw.store)
-    for n, rs in sorted(by_trial.items()):
+    for n, rs in sorted(tally.by_trial.items()):
         for r in rs:
             seen = [m.step for m in client.get_metric_history(r.info.run_id, "train/loss")]
             dup = len(seen) - len(set(seen))
@@ -425,7 +420,48 @@ def check_end(suite, sw: Sweep, ref: list, legs: Legs) -> dict:
             )
     if any(f.session_info(sw.dir / str(n)).get("status") != "completed" for n in states):
         suite.problem("a trial's session is not completed", sw.where())
+
+
+def check_end(suite, sw: Sweep, ref: list, legs: Legs) -> dict:
+    """The keys, from the study, the job folders and the MLflow runs; PROBLEMs for the rest."""
+    tally = Tally(sw, legs)
+    trials = tally.trials
+    equal = [t.params for t in trials] == [t.params for t in ref]
+    out = {
+        "sweep_kills": legs.kills,
+        "sweep_trials_expected": sw.n_trials,
+        "sweep_trials_finished": len(tally.finished),
+        "sweep_trials_duplicated": len(tally.duplicated),
+        "sweep_trials_orphaned": len(tally.orphaned),
+        "sweep_params_equal": int(equal),
+    }
+    check_record(suite, sw, legs, tally)
+    if not equal:
+        suite.problem(
+            "trial parameters differ from the uninterrupted sweep's",
+            f"killed: {[t.params for t in trials]}\nreference: {[t.params for t in ref]}",
+        )
+    elif [(t.value, _intermediate(t)) for t in trials] != [
+        (t.value, _intermediate(t)) for t in ref
+    ]:
+        suite.problem(
+            "trial values differ from the uninterrupted sweep's (same parameters)",
+            f"killed: {[(t.value, _intermediate(t)) for t in trials]}\n"
+            f"reference: {[(t.value, _intermediate(t)) for t in ref]}",
+        )
     return out
+
+
+def check_after_end(suite, sw: Sweep) -> None:
+    """A launcher after the sweep's end must find nothing to do, and leave the study as is."""
+    f = sw.f
+    proc = sw.start("launcher")[0]
+    rc = f.wait_exit(proc, 300, "launcher after the end")
+    text = f.log_text(proc)
+    after = [t.state.name for t in sw.trials()]
+    suite.say(f"launcher after the end: exit {rc}, {'nothing to resume' in text}, {after}")
+    if rc != 0 or "nothing to resume" not in text or len(after) != sw.n_trials:
+        suite.problem("a launcher after the sweep's end did something", logs=[proc.log])
 
 
 def _intermediate(trial) -> dict:
@@ -451,12 +487,5 @@ def scenario_sweep(suite) -> dict:
     legs = Legs(suite, sw, rng)
     legs.run(plan, conts)
     out = check_end(suite, sw, ref_trials, legs)
-    # finished: a launcher must find nothing to do, and leave the study as it is
-    proc = sw.start("launcher")[0]
-    rc = f.wait_exit(proc, 300, "launcher after the end")
-    text = f.log_text(proc)
-    after = [t.state.name for t in sw.trials()]
-    suite.say(f"launcher after the end: exit {rc}, {'nothing to resume' in text}, {after}")
-    if rc != 0 or "nothing to resume" not in text or len(after) != n_trials:
-        suite.problem("a launcher after the sweep's end did something", logs=[proc.log])
+    check_after_end(suite, sw)
     return out

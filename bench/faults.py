@@ -70,6 +70,13 @@ line of counts:
    its command or the launcher (sometimes two at once) until it ends; compared with an
    uninterrupted one. ``sweep_kills``, ``sweep_trials_expected``, ``sweep_trials_finished``,
    ``sweep_trials_duplicated``, ``sweep_trials_orphaned``, ``sweep_params_equal``.
+10. sweep_parallel (``bench/fault_psweep.py``): the same sweep with two trials at once
+   (``hydra.sweeper.n_jobs=2``, each trial a child process), killed while both train and when
+   one has finished and the next starts: SIGKILL of the sweeper only (its trials must stop by
+   themselves), SIGKILL or SIGTERM of the process group; continued alternately by its command
+   and the launcher. ``psweep_kills``, ``psweep_trials_expected``, ``psweep_trials_finished``,
+   ``psweep_trials_duplicated``, ``psweep_trials_orphaned``, ``psweep_orphan_trainers``
+   (trainer processes alive 30 s after their sweeper was killed: must be 0).
 
 ``problems`` counts the PROBLEM blocks printed above the JSON line; ``seconds`` is wall time.
 """
@@ -96,6 +103,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import fault_psweep
 import fault_sweep
 import psutil
 import torch
@@ -119,6 +127,7 @@ SCENARIOS = (
     "half_claim",
     "stall",
     "sweep",
+    "sweep_parallel",
 )
 _TMP_WRITE = re.compile(r"^\.tmp-(rolling|best|emergency|final)-step\d+-\d+$")
 _INTERESTING = re.compile(
@@ -138,6 +147,8 @@ KEYS = {
     "stall": "stall_runs finished_once_by_one_trainer",
     "sweep": "sweep_kills sweep_trials_expected sweep_trials_finished sweep_trials_duplicated "
     "sweep_trials_orphaned sweep_params_equal",
+    "sweep_parallel": "psweep_kills psweep_trials_expected psweep_trials_finished "
+    "psweep_trials_duplicated psweep_trials_orphaned psweep_orphan_trainers",
 }
 
 
@@ -1226,6 +1237,7 @@ RUNNERS = {
     "half_claim": scenario_half_claim,
     "stall": scenario_stall,
     "sweep": fault_sweep.scenario_sweep,
+    "sweep_parallel": fault_psweep.scenario_sweep_parallel,
 }
 
 
