@@ -35,6 +35,7 @@ from so8t_exp.tracking.sweep import (
 )
 from so8t_exp.verdict import judge
 from tests.conftest import subprocess_env
+from tests.test_hparams_sweep import run as run_sweep
 
 HOST = "so8t-test-host"
 
@@ -294,30 +295,13 @@ def test_a_trial_without_its_sweep_stays_a_session():
 # -- a real sweep -----------------------------------------------------------------------
 @pytest.mark.slow
 def test_sessions_lists_a_real_sweep(tmp_path: Path, store: str):
-    cmd = [
-        sys.executable,
-        "-m",
-        "so8t_exp.train",
-        "-m",
-        "hparams_search=eval_loss",
-        f"tracking.uri={store}",
-        "+experiment=smoke",
-        "trainer.progress_bar=false",
-        "trainer.max_steps=6",
-        "trainer.eval_every_n_steps=3",
-        "checkpoint.every_n_steps=2",
-        "tracking.log_models=[]",
-        "hydra.sweeper.study_name=t",
-        "hydra.sweeper.n_trials=2",
-    ]
-
     def run(args: list[str]) -> subprocess.CompletedProcess:
         env = subprocess_env(tmp_path)
         return subprocess.run(
             args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
         )
 
-    out = run(cmd)
+    out = run_sweep(tmp_path, "hydra.sweeper.n_trials=2")  # (its store is `store`)
     assert out.returncode == 0, out.stderr[-3000:]
     listing = run([sys.executable, "-m", "so8t_exp.sessions", f"tracking.uri={store}"])
     assert listing.returncode == 0, listing.stderr[-3000:]
