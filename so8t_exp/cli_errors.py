@@ -25,6 +25,12 @@ EXIT_FENCED = 5  # another process took over this run; this one stopped writing
 EXIT_TRACKING = 6  # the tracking store is unreachable (after retrying) or unusable
 EXIT_RUN_LOST = 7  # the session's run is not in the tracking store (session "lost")
 
+
+def shell_exit_code(returncode: int) -> int:
+    """A child's ``Popen.returncode`` as a shell reports it: killed by signal N is 128+N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
 # Lines of Hydra's and OmegaConf's messages that say nothing the key and reason don't.
 _NOISE = (
     "full_key:",

@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import TextIO
 
 from so8t_exp import sweep_resume
-from so8t_exp.cli_errors import EXIT_LOCKED
+from so8t_exp.cli_errors import EXIT_LOCKED, shell_exit_code
 from so8t_exp.config import ResumeConfig
 from so8t_exp.host import host_id
 from so8t_exp.lock import SessionLock, SessionLocked
 from so8t_exp.notify import Notifiers
-from so8t_exp.overrides import override
+from so8t_exp.overrides import override, without
 from so8t_exp.paths import project_root
 from so8t_exp.takeover import handing_over
 from so8t_exp.tracking import mask_override
@@ -189,11 +189,7 @@ class Launcher:
         return None if code == EXIT_LOCKED else code
 
     def relaunch_overrides(self, run: RunRecord, folder: Path | None = None) -> list[str]:
-        recorded = [
-            o
-            for o in self.registry.recorded_overrides(run)
-            if o.split("=", 1)[0].lstrip("+~") not in _OWN_KEYS
-        ]
+        recorded = without(self.registry.recorded_overrides(run), _OWN_KEYS)
         folder = folder or session_folder(run)
         return [
             *recorded,
@@ -259,7 +255,7 @@ def _run_child(cmd: list[str], env: dict[str, str] | None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    return 128 - code if code < 0 else code  # killed by signal N: 128+N, as a shell
+    return shell_exit_code(code)
 
 
 class _Tee:

@@ -22,6 +22,11 @@ def override(key: str, value: str) -> str:
     return f"{key}={quoted(value)}"
 
 
+def without(overrides: list[str], keys: tuple[str, ...]) -> list[str]:
+    """``overrides`` less those that set (``k=``, ``+k=``, ``++k=``, ``~k``) one of ``keys``."""
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in keys]
+
+
 def compose(config_name: str, overrides: list[str]):
     """The primary config ``conf/<config_name>.yaml`` with ``overrides``, composed outside
     ``@hydra.main`` (the commands with sub-commands: sessions, boot)."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from so8t_exp.config import ResumeConfig
 from so8t_exp.host import host_id
 from so8t_exp.lock import describe_holder, is_locked
-from so8t_exp.overrides import override
+from so8t_exp.overrides import override, without
 from so8t_exp.tracking.runs import EXPIRED, GIVEN_UP, RunRecord
 from so8t_exp.tracking.sweep import (
     COMMAND_FILE,
@@ -100,7 +100,7 @@ def command(parent: RunRecord, tracking_uri: str) -> list[str]:
     against the store the launcher reads."""
     folder = sweep_folder(parent)
     recorded = json.loads((folder / COMMAND_FILE).read_text(encoding="utf-8"))
-    kept = [o for o in recorded["overrides"] if o.split("=", 1)[0].lstrip("+~") not in _OWN_KEYS]
+    kept = without(recorded["overrides"], _OWN_KEYS)
     # (the study as it was resolved when the sweep started: the YAML may name another now)
     study = [override(k, recorded[f]) for k, f in _STUDY_KEYS.items() if recorded.get(f)]
     return [

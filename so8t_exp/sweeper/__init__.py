@@ -29,8 +29,6 @@ from so8t_exp.sweeper.study import SweepBusy, lock_sweep, open_study, sampler_fo
 
 log = logging.getLogger(__name__)
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
 
 def run_sweep(sweeper, arguments: list[str]) -> Any:
     """The sweep of :class:`hydra_plugins.so8t_sweeper.so8t_sweeper.So8tOptunaSweeper`."""
@@ -65,7 +63,7 @@ def _run_trials(runner: TrialRunner) -> None:
     for frozen in interrupted:
         runner.run(frozen)
     # 2) new trials until n_trials are finished
-    while len(_trials(study, *FINISHED)) < sweeper.n_trials:
+    while len(report.finished(study)) < sweeper.n_trials:
         runner.run(None)
 
 

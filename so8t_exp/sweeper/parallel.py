@@ -26,11 +26,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from so8t_exp import trial_link
+from so8t_exp.cli_errors import shell_exit_code
 from so8t_exp.overrides import override
 from so8t_exp.paths import storage_url
+from so8t_exp.session import Session
+from so8t_exp.sweeper import report
 from so8t_exp.sweeper.stop import NOT_THE_TRIAL
 from so8t_exp.tracking.sweep import SweepJob
 
@@ -67,7 +70,8 @@ class ParallelTrials:
         while True:
             while self.stop_code is None and len(self.running) < self.n_jobs:
                 frozen = queue.pop(0) if queue else None
-                if frozen is None and self._finished() + len(self.running) >= self._wanted():
+                done = len(report.finished(self.runner.study))
+                if frozen is None and done + len(self.running) >= self.runner.sweeper.n_trials:
                     break
                 prepared = self.runner.prepare(frozen)
                 if prepared is not None:
@@ -80,13 +84,6 @@ class ParallelTrials:
                 self._ended(self.running.pop(number))
         if self.stop_code is not None:
             sys.exit(self.stop_code)
-
-    def _wanted(self) -> int:
-        return self.runner.sweeper.n_trials
-
-    def _finished(self) -> int:
-        done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        return len(self.runner.study.get_trials(deepcopy=False, states=done))
 
     def _start(self, trial, job_dir: Path) -> None:
         job_dir.mkdir(parents=True, exist_ok=True)
@@ -145,7 +142,7 @@ class ParallelTrials:
         code = done.proc.returncode
         done.output.close()
         trial, job_dir = done.trial, done.job_dir
-        code = 128 - code if code < 0 else code  # (killed by signal N: 128+N, as a shell)
+        code = shell_exit_code(code)
         if code >= 128 or code in NOT_THE_TRIAL or (code == 1 and not _failed(job_dir)):
             # (exit 1 without a failed session: killed hard, as Windows' taskkill /F does)
             log.error(
@@ -160,8 +157,5 @@ class ParallelTrials:
 
 def _failed(job_dir: Path) -> bool:
     """Whether the trial's trainer recorded a failure (its session says ``failed``)."""
-    try:
-        info = json.loads((job_dir / "session_info.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return info.get("status") == "failed"
+    info = Session(job_dir).load()
+    return info is not None and info.status == "failed"

@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
+from so8t_exp.session import Session
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.core import HEARTBEAT_TAG, Tracker
 from so8t_exp.tracking.sweep import (
@@ -87,10 +88,8 @@ def finished(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def _child_run_id(job_dir: Path) -> str | None:
-    try:
-        return json.loads((job_dir / "session_info.json").read_text(encoding="utf-8"))["session_id"]
-    except (OSError, ValueError, KeyError):
-        return None
+    info = Session(job_dir).load()
+    return info.session_id if info else None
 
 
 def final_metrics(job_dir: Path, uri: str | None) -> dict[str, float] | None:
