@@ -37,24 +37,37 @@ def _lock_study_sweep(sweep_dir: Path) -> None:
         sys.exit(EXIT_LOCKED)
 
 
-def _record_study_sweep(config: DictConfig, sweep_dir: Path) -> dict[str, str]:
-    """How to run this Optuna sweep again (``sweep_command.json``, what the resume launcher
-    runs), written before anything else can be killed half way; the tags that make its
-    parent run an Optuna sweep's. The study's name and storage are kept as resolved now:
-    run again at boot, from another folder or after the YAML changed, it is the same study."""
+def record_study_sweep(config: DictConfig, sweep_dir: Path, first_only: bool = False) -> None:
+    """How to run this Optuna sweep again (``<sweep folder>/sweep_command.json``, what the
+    resume launcher runs). The study's name and storage are kept as resolved now: run again
+    at boot, from another folder or after the YAML changed, it is the same study.
+    ``first_only``: only if there is none yet — a command the sweeper has not accepted yet
+    (a changed search space is refused) must not replace one it has."""
     from so8t_exp.fsutil import atomic_write_json
-    from so8t_exp.host import host_id
     from so8t_exp.paths import storage_url
-    from so8t_exp.tracking.sweep import COMMAND_FILE, N_TRIALS, STUDY
+    from so8t_exp.tracking.sweep import COMMAND_FILE
 
+    path = sweep_dir / COMMAND_FILE
+    if first_only and path.exists():
+        return
     hc = config.hydra
-    overrides = [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)]
-    study, n_trials = str(hc.sweeper.study_name), int(hc.sweeper.n_trials)
-    storage = storage_url(hc.sweeper.storage)
+    command = {
+        "overrides": [str(o) for o in (*hc.overrides.hydra, *hc.overrides.task)],
+        "study": str(hc.sweeper.study_name),
+        "storage": storage_url(hc.sweeper.storage),
+        "n_trials": int(hc.sweeper.n_trials),
+    }
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    command = {"overrides": overrides, "study": study, "storage": storage, "n_trials": n_trials}
-    atomic_write_json(sweep_dir / COMMAND_FILE, command)
-    return {STUDY: study, N_TRIALS: str(n_trials), "so8t.host": host_id()}
+    atomic_write_json(path, command)
+
+
+def _study_tags(config: DictConfig) -> dict[str, str]:
+    """The tags that make a parent run an Optuna sweep's (to the launcher and sessions)."""
+    from so8t_exp.host import host_id
+    from so8t_exp.tracking.sweep import N_TRIALS, STUDY
+
+    sweeper = config.hydra.sweeper
+    return {STUDY: str(sweeper.study_name), N_TRIALS: str(sweeper.n_trials), "so8t.host": host_id()}
 
 
 class SweepParent(Callback):
@@ -74,7 +87,10 @@ class SweepParent(Callback):
         study_tags = {}
         if OmegaConf.select(config, "hydra.sweeper.study_name"):
             _lock_study_sweep(sweep_dir)
-            study_tags = _record_study_sweep(config, sweep_dir)
+            # (before the parent run exists: a kill from here on leaves the launcher a
+            # sweep it can continue)
+            record_study_sweep(config, sweep_dir, first_only=True)
+            study_tags = _study_tags(config)
         overrides = [str(o) for o in OmegaConf.to_container(config.hydra.overrides.task)]
         try:
             run = open_parent(

@@ -84,8 +84,8 @@ def settled(parent: RunRecord) -> str | None:
     if host not in (None, host_id()):
         return f"a sweep of {host}: its folder and lock are there; continue it there"
     folder = sweep_folder(parent)
-    if folder is None or not (folder / COMMAND_FILE).is_file():
-        return f"no {COMMAND_FILE} in {folder}: run the sweep's command again"
+    if folder is None or read_command(folder) is None:
+        return f"no readable {COMMAND_FILE} in {folder}: run the sweep's command again"
     if is_locked(folder):
         return f"alive: {describe_holder(folder)} holds the lock"
     return None
@@ -95,11 +95,20 @@ def last_activity(parent: RunRecord, trials: list[RunRecord]) -> float:
     return max([parent.heartbeat, *(t.heartbeat for t in trials)])
 
 
+def read_command(folder: Path) -> dict | None:
+    """The sweep's recorded command (None: missing or unreadable)."""
+    try:
+        recorded = json.loads((folder / COMMAND_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) and "overrides" in recorded else None
+
+
 def command(parent: RunRecord, tracking_uri: str) -> list[str]:
     """The sweep's command line again (``-m`` and its overrides), in its own folder and
     against the store the launcher reads."""
     folder = sweep_folder(parent)
-    recorded = json.loads((folder / COMMAND_FILE).read_text(encoding="utf-8"))
+    recorded = read_command(folder)
     kept = without(recorded["overrides"], _OWN_KEYS)
     # (the study as it was resolved when the sweep started: the YAML may name another now)
     study = [override(k, recorded[f]) for k, f in _STUDY_KEYS.items() if recorded.get(f)]

@@ -257,10 +257,14 @@ def test_second_sweeper_sigterm_and_changed_space(tmp_path: Path):
     assert session_info(job)["status"] == "interrupted"
     assert mlflow_runs(home)[0][0].info.status == "KILLED"
 
+    command = (home / "multirun" / "sweeps" / STUDY / "sweep_command.json").read_text()
     out = run(home, "trainer.optimizer.lr=interval(0.001,0.002)")
-    assert out.returncode != 0 and "use a new hydra.sweeper.study_name" in out.stderr, out.stderr[
+    assert out.returncode == 2 and "use a new hydra.sweeper.study_name" in out.stderr, out.stderr[
         -2000:
     ]
+    assert "Traceback" not in out.stderr
+    # the refused command is not what the launcher would run at boot
+    assert (home / "multirun" / "sweeps" / STUDY / "sweep_command.json").read_text() == command
     assert [t.state for t in trials(home)] == [TrialState.RUNNING]
 
     out = run(home)

@@ -92,6 +92,9 @@ def test_settled_sweeps_are_left_alone(folder: Path, tags: dict, why: str):
 
 
 def test_a_sweep_without_its_command_file_is_not_guessed(folder: Path):
+    (folder / "sweep_command.json").write_text("{torn")
+    d = judge(parent(folder), ResumeConfig(), trials=[])
+    assert d.action == "skip" and "no readable sweep_command.json" in d.reason
     (folder / "sweep_command.json").unlink()
     d = judge(parent(folder), ResumeConfig(), trials=[])
     assert d.action == "skip" and "run the sweep's command again" in d.reason

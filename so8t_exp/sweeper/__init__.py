@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from so8t_exp import trial_link
-from so8t_exp.cli_errors import EXIT_LOCKED
+from so8t_exp.cli_errors import EXIT_BAD_INPUT, EXIT_LOCKED, fail
+from so8t_exp.sweep import record_study_sweep
 from so8t_exp.sweeper import report
 from so8t_exp.sweeper.parallel import ParallelTrials
 from so8t_exp.sweeper.space import SearchSpace, search_space
@@ -43,8 +44,12 @@ def run_sweep(sweeper, arguments: list[str]) -> Any:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_LOCKED)
     with BetweenTrials() as stop:
-        space = search_space(sweeper.params, arguments)
-        study = open_study(sweeper, space, sweep_dir)
+        try:
+            space = search_space(sweeper.params, arguments)
+            study = open_study(sweeper, space, sweep_dir)
+        except ValueError as err:  # (a bad search space, a changed study: one line, exit 2)
+            fail(str(err), EXIT_BAD_INPUT)
+        record_study_sweep(sweeper.config, sweep_dir)  # (accepted: the command to continue)
         runner = TrialRunner(sweeper, study, space, sweep_dir, stop)
         runner.parent = report.start(sweeper, sweep_dir, study)
         _run_trials(runner)

@@ -23,6 +23,7 @@ from so8t_exp.tracking.sweep import (
     BEST_PARAMS,
     BEST_TRIAL,
     BEST_VALUE_METRIC,
+    N_TRIALS,
     OBJECTIVE_METRIC,
     TRIAL_NUMBER,
     TRIAL_PARAM,
@@ -55,6 +56,8 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
         run = find_parent(tracker.client, exp_id, str(sweep_dir))
         if run is None:
             return None
+        # (the accepted n_trials: the callback tagged the command line's before it was)
+        tracker.client.set_tag(run.info.run_id, N_TRIALS, str(sweeper.n_trials))
         _progress(tracker.client, run.info.run_id, study)
         return Parent(uri, run.info.run_id, run.info.run_name or "")
     except Exception as err:  # (the study is the record; MLflow is the view)
