@@ -139,3 +139,8 @@ def build_training(
 
 def build_notifiers(cfg: DictConfig) -> Notifiers:
     return Notifiers({name: instantiate(node) for name, node in cfg.notify.notifiers.items()})
+
+
+def build_engine(node, **kwargs):
+    """The serving engine ``serve.engine`` names (``_target_``), on an exported folder."""
+    return instantiate(node, **kwargs, _convert_="all")

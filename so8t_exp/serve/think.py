@@ -1,0 +1,148 @@
+"""One ``/think`` request, from query to answer: label, policy, generation, sections.
+
+This is where the thinking is separated from the answer; nothing here knows about HTTP.
+Generated text goes through :class:`~so8t_exp.serve.sections.SectionParser` token by
+token; only what it emits reaches ``on_text`` (the stream) or :attr:`ThinkResult.answer`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from so8t_exp.serve.config import LabelPolicy, ServeConfig
+from so8t_exp.serve.engine import Sampling
+from so8t_exp.serve.sections import SectionParser, Sections, SectionTags
+
+NO_TEXT = lambda text: None  # noqa: E731  (a stream nobody reads)
+
+
+class Busy(Exception):
+    """The model stayed busy with other requests until this one's deadline."""
+
+
+@dataclass
+class ThinkResult:
+    """What a request produced; the thinking itself is not in it."""
+
+    answer: str
+    safety_label: str | None
+    safety_confidence: float | None
+    policy_action: str
+    internal_reasoning_hash: str
+    thinking_bytes: int
+    answer_complete: bool
+    finish_reason: str  # final | eos | length | timeout | cancelled | policy
+    generated_tokens: int
+    flags: list[str] = field(default_factory=list)
+
+
+class ThinkService:
+    """Runs requests on one engine, one generation at a time."""
+
+    def __init__(self, engine, cfg: ServeConfig) -> None:
+        self.engine = engine
+        self.cfg = cfg
+        prompt = cfg.prompt
+        self.tags = SectionTags(
+            final=prompt.final_tag.lower(),
+            thinking_prefixes=tuple(p.lower() for p in prompt.thinking_prefixes),
+        )
+        self._model = threading.Lock()  # one request on the model at a time
+
+    def think(
+        self,
+        query: str,
+        sampling: Sampling,
+        deadline: float,
+        on_label: Callable[[str | None, float | None, str], None] = lambda *a: None,
+        on_text: Callable[[str], None] = NO_TEXT,
+        cancelled: threading.Event | None = None,
+    ) -> ThinkResult:
+        """Answer ``query`` by ``deadline`` (``time.monotonic()``); ``on_text`` gets each
+        piece of answer text as soon as it is known to be answer."""
+        if not self._model.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise Busy("the model stayed busy until this request's deadline")
+        try:
+            label, confidence = self.engine.classify(query)
+            rule = self.cfg.policy.get(label) if label else None
+            rule = rule or LabelPolicy()
+            on_label(label, confidence, rule.action)
+            if rule.action == "replace":
+                on_text(rule.text)
+                return self._replaced(rule.text, label, confidence)
+            if rule.action == "prefix":
+                on_text(rule.text + "\n\n")
+            return self._generate(
+                query, sampling, deadline, on_text, cancelled, rule, label, confidence
+            )
+        finally:
+            self._model.release()
+
+    def _replaced(self, text: str, label, confidence) -> ThinkResult:
+        empty = SectionParser(self.tags).close()
+        return ThinkResult(
+            text, label, confidence, "replace", empty.thinking_sha256, 0, True, "policy", 0
+        )
+
+    def _generate(self, query, sampling, deadline, on_text, cancelled, rule, label, confidence):
+        prompt = self.cfg.prompt
+        parser = SectionParser(self.tags)
+        parser.feed(prompt.answer_prefix)  # the turn starts with it: it may open a section
+        ids = self.engine.prompt_ids(
+            prompt.template.replace("{query}", query), prompt.answer_prefix
+        )
+        tokens, finish = 0, None
+        steps = self.engine.generate(ids, sampling, query=query)
+        try:
+            for _token, text in steps:
+                tokens += 1
+                piece = parser.feed(text)
+                if piece:
+                    on_text(piece)
+                finish = _stop_reason(parser, deadline, cancelled)
+                if finish:
+                    break
+        finally:
+            steps.close()
+        if finish is None:
+            finish = "length" if tokens >= sampling.max_new_tokens else "eos"
+        sections = parser.close()
+        answer = sections.answer
+        if answer and rule.action == "prefix":
+            answer = f"{rule.text}\n\n{answer}"
+        return ThinkResult(
+            answer=answer,
+            safety_label=label,
+            safety_confidence=confidence,
+            policy_action=rule.action,
+            internal_reasoning_hash=sections.thinking_sha256,
+            thinking_bytes=sections.thinking_bytes,
+            answer_complete=sections.complete,
+            finish_reason=finish,
+            generated_tokens=tokens,
+            flags=_flags(sections, finish),
+        )
+
+
+def _stop_reason(parser: SectionParser, deadline: float, cancelled) -> str | None:
+    if parser.finished:
+        return "final"  # the answer is complete: what follows would be withheld anyway
+    if cancelled is not None and cancelled.is_set():
+        return "cancelled"
+    if time.monotonic() >= deadline:
+        return "timeout"
+    return None
+
+
+def _flags(sections: Sections, finish: str) -> list[str]:
+    flags = []
+    if not sections.final_seen:
+        flags.append("no_final")
+    elif not sections.complete:
+        flags.append("final_truncated")
+    if finish in ("timeout", "cancelled"):
+        flags.append(finish)
+    return flags
