@@ -129,7 +129,8 @@ class AuditLog:
             return
         if self._db is None:
             self._open()  # reads when the file was begun
-        size_mb = self.path.stat().st_size / 2**20
+        wal = self.path.with_name(self.path.name + "-wal")  # rows not yet folded in
+        size_mb = (self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)) / 2**20
         age_days = (time.time() - self._born) / 86400
         due = (self.cfg.rotate_mb and size_mb >= self.cfg.rotate_mb) or (
             self.cfg.rotate_days and age_days >= self.cfg.rotate_days

@@ -72,25 +72,24 @@ def _registered(spec: str, tracking_uri: str | None, cache: Path) -> ServedModel
         ) from None
     dest = cache / _safe(name) / str(mv.version)
     if not (dest / "MLmodel").is_file():
-        _download(f"models:/{name}/{mv.version}", dest, uri)
+        _download(client.get_model_version_download_uri(name, mv.version), dest, uri)
     served = _folder(dest, spec, tracking_uri)
     return ServedModel(served.folder, name, str(mv.version), spec)
 
 
 def _download(artifact_uri: str, dest: Path, tracking_uri: str) -> None:
+    """``artifact_uri``'s files into ``dest``. Given the storage location itself, not a
+    ``models:/`` URI, which MLflow would resolve against its process-wide registry URI."""
     from mlflow.artifacts import download_artifacts
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = fsutil.temp_sibling(dest)
     try:
         tmp.mkdir()
-        download_artifacts(
-            artifact_uri=artifact_uri,
-            dst_path=str(tmp),
-            tracking_uri=tracking_uri,
-            registry_uri=tracking_uri,
+        local = download_artifacts(
+            artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=tracking_uri
         )
-        fsutil.replace_dir(tmp, dest)
+        fsutil.replace_dir(Path(local), dest)  # (a folder lands in tmp/<its name>)
     finally:
         fsutil.rmtree(tmp, ignore_errors=True)
 
@@ -115,7 +114,7 @@ def _run(run_id: str, tracking_uri: str | None) -> ServedModel:
 
         dest = project_root() / "cache" / "runs" / run_id / logged[0].model_id
         if not (dest / "MLmodel").is_file():
-            _download(f"models:/{logged[0].model_id}", dest, uri)
+            _download(logged[0].artifact_location, dest, uri)
         served = _folder(dest, run_id, uri)
     else:
         served = _exported(run_id, uri)

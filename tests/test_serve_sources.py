@@ -1,0 +1,122 @@
+"""What ``serve.model`` can name — a registered version by alias or number, a run id, an
+export, an MLflow model folder — against a real sqlite MLflow store; and the one-line
+errors of ``python -m so8t_exp.serve`` for a model or config that is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from so8t_exp.config import ConfigError
+from so8t_exp.export.write import RUNTIME_FILE
+from so8t_exp.paths import sqlite_uri
+from so8t_exp.serve.source import resolve
+from so8t_exp.tracking import models
+from tests.conftest import subprocess_env
+from tests.serve_support import Server, make_export
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> dict:
+    """An export logged as a run's MLflow model and registered as so8t-tiny v1 @champion."""
+    tmp = tmp_path_factory.mktemp("registry")
+    export = make_export(tmp / "export")
+    store = sqlite_uri(tmp / "mlruns" / "mlflow.db")
+    client = MlflowClient(store)
+    experiment = client.create_experiment("so8t", artifact_location=(tmp / "art").as_uri())
+    run = client.create_run(experiment, run_name="tiny")
+    code = Path(models.__file__).with_name("pyfunc_model.py")
+    uri = models.log_pyfunc_model(store, run.info.run_id, export, code, export / RUNTIME_FILE)
+    models.register_version(
+        store, "so8t tiny", uri, run.info.run_id, ("eval/loss", 1.0, "min"), "champion"
+    )
+    client.set_terminated(run.info.run_id)
+    return {"tmp": tmp, "store": store, "run_id": run.info.run_id, "export": export}
+
+
+def test_a_registered_alias_is_downloaded_once_into_the_cache(registry, tmp_path):
+    cache = tmp_path / "cache"
+    served = resolve("models:/so8t tiny@champion", registry["store"], str(cache))
+    assert (served.name, served.version) == ("so8t tiny", "1")
+    assert (served.folder / "config.json").is_file() and (
+        served.folder / "safety_head.json"
+    ).is_file()
+    assert served.folder.is_relative_to(cache / "so8t tiny" / "1")
+    stamp = (served.folder / "config.json").stat().st_mtime_ns
+    again = resolve("models:/so8t tiny/1", registry["store"], str(cache))
+    assert again.folder == served.folder
+    assert (again.folder / "config.json").stat().st_mtime_ns == stamp  # not downloaded again
+    assert not [p for p in (cache / "so8t tiny").iterdir() if p.name != "1"]  # no leftovers
+
+
+def test_a_run_id_serves_its_logged_model(registry, tmp_path, monkeypatch):
+    monkeypatch.setenv("SO8T_EXP_HOME", str(tmp_path))
+    served = resolve(registry["run_id"], registry["store"], str(tmp_path / "cache"))
+    assert served.name == "tiny" and (served.folder / "config.json").is_file()
+    assert served.folder.is_relative_to(tmp_path)
+
+
+def test_folders_an_export_or_an_mlflow_model(registry, tmp_path):
+    served = resolve(str(registry["export"]), None, str(tmp_path))
+    assert served.folder == registry["export"] and served.version == "untrained"
+    inner = resolve("models:/so8t tiny/1", registry["store"], str(tmp_path / "c")).folder
+    mlmodel = tmp_path / "c" / "so8t tiny" / "1"
+    assert (mlmodel / "MLmodel").is_file()
+    assert resolve(str(mlmodel), None, str(tmp_path)).folder == inner
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("models:/nope@champion", "not in the registry"),
+        ("models:/so8t tiny@nope", "not in the registry"),
+        ("models:/so8t tiny/x", "models:/<name>@<alias>"),
+        ("0123456789abcdef0123456789abcdef", "neither a folder nor a run"),
+        ("no/such/folder", "not models:/"),
+    ],
+)
+def test_a_model_that_is_not_there_is_a_config_error(registry, tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(spec, registry["store"], str(tmp_path))
+
+
+def test_the_server_serves_a_registered_alias(registry, tmp_path):
+    srv = Server(
+        tmp_path,
+        subprocess_env(tmp_path),
+        "serve.model=models:/so8t tiny@champion",
+        f"tracking.uri={registry['store']}",
+        f"serve.audit.path={tmp_path / 'audit.db'}",
+    )
+    try:
+        status, health, _ = srv.call("GET", "/health")
+        assert status == 200 and (health["model"], health["version"]) == ("so8t tiny", "1")
+        status, body = srv.think({"query": "How do I reset my password?", "max_new_tokens": 4})
+        assert status == 200 and body["safety_label"] in health["safety_labels"]
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("serve.model=no/such/folder", "error: serve.model=no/such/folder: not models:/"),
+        ("serve.modle=x", "serve.modle"),
+        ("serve.limits.max_concurrent=0", "serve.limits.max_concurrent=0"),
+    ],
+)
+def test_a_bad_command_is_one_line_and_exit_2(tmp_path, override, message):
+    cmd = [sys.executable, "-m", "so8t_exp.serve", override]
+    if not override.startswith("serve.model="):
+        cmd.append(f"serve.model={tmp_path}")
+    out = subprocess.run(
+        cmd, cwd=tmp_path, env=subprocess_env(tmp_path), capture_output=True, text=True
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert message in out.stderr and "Traceback" not in out.stderr
