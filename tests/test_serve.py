@@ -36,7 +36,7 @@ SCRIPT = {
     "refuse": {"output": THINK + "<final>SECRET harmful</final>", "label": "REFUSE"},
     "escalate": {"output": "<final>SECRET</final>", "label": "ESCALATION"},
     "deny": {"output": THINK + "<final>Here is a safe part.</final>", "label": "DENY"},
-    "slow": {"output": "<think-logic>" + "SECRET " * 400, "label": "ALLOW", "delay_s": 0.02},
+    "slow": {"output": "<think-logic>" + "SECRET " * 400, "label": "ALLOW", "delay_s": 0.04},
 }
 DENY_PREFIX = "Careful: this touches a policy."
 
@@ -61,7 +61,7 @@ def server(tmp_path_factory):
         "serve.engine._target_=so8t_exp.serve.engine.ScriptedEngine",
         f"+serve.engine.script_file={tmp / 'script.json'}",
         "serve.limits.max_concurrent=2",
-        "serve.limits.timeout_s=3",
+        "serve.limits.timeout_s=5",
         "serve.limits.max_new_tokens=300",
         "serve.limits.max_body_bytes=4096",
         "serve.limits.max_query_chars=1000",
@@ -109,6 +109,7 @@ def test_answer_is_the_final_section_only_and_the_thinking_is_hashed(server):
     assert body["answer"] == "The answer is 42."
     assert body["safety_label"] == "ALLOW" and body["answer_complete"] is True
     assert body["finish_reason"] == "final" and body["flags"] == []
+    assert (body["model"], body["model_version"]) == ("export", "untrained")
     thinking = thinking_of(SCRIPT["tagged"]["output"])
     assert body["internal_reasoning_hash"] == hashlib.sha256(thinking).hexdigest()
     row = row_of(server, body["request_id"])
@@ -182,7 +183,7 @@ def test_max_new_tokens_cuts_the_answer_to_nothing(server):
 )
 def test_policy_per_label(server, query, label, answer):
     status, body = server.think({"query": query})
-    assert status == 200
+    assert status == 200, body
     assert (body["safety_label"], body["answer"]) == (label, answer)
     if label != "DENY":  # replaced: nothing was generated
         assert body["generated_tokens"] == 0 and body["policy_action"] == "replace"
@@ -264,7 +265,7 @@ def test_busy_gets_503_and_a_slow_answer_504(server):
         assert events[-1][0] == "error" and events[-1][1]["status"] in (503, 504), events[-1]
     assert 504 in [events[-1][1]["status"] for _, events, _ in results]
     status, body = server.think({"query": "slow", "max_new_tokens": 300})
-    assert status == 504 and "timeout_s=3" in body["error"]["reason"]
+    assert status == 504 and "timeout_s=5" in body["error"]["reason"]
     row = row_of(server, body["error"]["request_id"])
     assert row["status"] == 504 and row["thinking_bytes"] > 0 and row["finish_reason"] == "timeout"
     assert server.think({"query": "tagged"})[0] == 200
@@ -281,3 +282,23 @@ def test_the_audit_log_is_append_only_and_never_holds_the_thinking(server):
     for path in server.audit.parent.iterdir():
         data = path.read_bytes()
         assert b"SECRET" not in data and "秘密".encode() not in data, path
+
+
+def test_a_client_that_leaves_a_stream_frees_the_model(server):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/think/stream", body=json.dumps({"query": "slow"}).encode())
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"event: label")
+    request_id = json.loads(resp.readline().split(b": ", 1)[1])["request_id"]
+    conn.sock.shutdown(2)
+    conn.close()
+    started = time.monotonic()
+    while not [r for r in audit_rows(server) if r["request_id"] == request_id]:
+        assert time.monotonic() - started < 10
+        time.sleep(0.05)
+    row = row_of(server, request_id)
+    assert row["status"] == 499 and row["finish_reason"] == "cancelled"
+    assert time.monotonic() - started < 4  # before the 5 s timeout would have ended it
+    assert server.call("GET", "/health")[1]["in_flight"] == 0

@@ -86,19 +86,25 @@ def test_a_model_that_is_not_there_is_a_config_error(registry, tmp_path, spec, m
         resolve(spec, registry["store"], str(tmp_path))
 
 
-def test_the_server_serves_a_registered_alias(registry, tmp_path):
+def test_the_server_serves_a_registered_alias_to_token_holders(registry, tmp_path):
     srv = Server(
         tmp_path,
-        subprocess_env(tmp_path),
+        subprocess_env(tmp_path, SO8T_TEST_TOKEN="s3cret-token"),
         "serve.model=models:/so8t tiny@champion",
+        "serve.auth_token_env=SO8T_TEST_TOKEN",
         f"tracking.uri={registry['store']}",
         f"serve.audit.path={tmp_path / 'audit.db'}",
     )
     try:
         status, health, _ = srv.call("GET", "/health")
         assert status == 200 and (health["model"], health["version"]) == ("so8t tiny", "1")
-        status, body = srv.think({"query": "How do I reset my password?", "max_new_tokens": 4})
-        assert status == 200 and body["safety_label"] in health["safety_labels"]
+        ask = {"query": "How do I reset my password?", "max_new_tokens": 4}
+        status, body, headers = srv.call("POST", "/think", ask)
+        assert status == 401 and headers["WWW-Authenticate"] == "Bearer", body
+        wrong = srv.think(ask, Authorization="Bearer nope")[0]
+        status, body = srv.think(ask, Authorization="Bearer s3cret-token")
+        assert wrong == 401 and status == 200 and body["safety_label"] in health["safety_labels"]
+        assert "s3cret-token" not in srv.output()
     finally:
         srv.stop()
 

@@ -9,6 +9,7 @@ gets a request id (``X-Request-Id``) and one audit row; every error is JSON
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import threading
@@ -81,9 +82,14 @@ class Admission:
 
 
 def create_app(
-    service: ThinkService, audit: AuditLog, served: ServedModel, limits: LimitsConfig
+    service: ThinkService,
+    audit: AuditLog,
+    served: ServedModel,
+    limits: LimitsConfig,
+    token: str | None = None,
 ) -> FastAPI:
-    """The FastAPI application serving ``service``."""
+    """The FastAPI application serving ``service``; with ``token``, ``/think`` asks for
+    ``Authorization: Bearer <token>``."""
     app = FastAPI(title="so8t_exp /think", version=served.version)
     gate = Admission(limits.max_concurrent)
     started = time.time()
@@ -121,6 +127,8 @@ def create_app(
         headers = {"X-Request-Id": call.request_id}
         if err.status == 503:
             headers["Retry-After"] = "1"
+        if err.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
         return JSONResponse(body, status_code=err.status, headers=headers)
 
     def new_call(request: Request, endpoint: str) -> Call:
@@ -128,6 +136,15 @@ def create_app(
             request.client.host if request.client else "unknown"
         )
         return Call(uuid.uuid4().hex, endpoint, audit.client_hash(client), time.monotonic())
+
+    async def admit(request: Request, endpoint: str) -> tuple[Call, JSONResponse | None]:
+        """The new request's call, and the response that turns it away, if any."""
+        call = new_call(request, endpoint)
+        if token and not _bearer_ok(request, token):
+            return call, await problem(call, HTTPProblem(401, _UNAUTHORIZED))
+        if not gate.enter():
+            return call, await problem(call, _busy(limits))
+        return call, None
 
     @app.get("/health")
     async def health() -> dict:
@@ -146,9 +163,10 @@ def create_app(
 
     @app.post("/think")
     async def think(request: Request):
-        call, result = new_call(request, "/think"), None
-        if not gate.enter():
-            return await problem(call, _busy(limits))
+        call, refused = await admit(request, "/think")
+        if refused:
+            return refused
+        result = None
         try:
             query, sampling = await _parse(request, limits, call)
             deadline = call.started + limits.timeout_s
@@ -160,7 +178,9 @@ def create_app(
             except Exception:  # noqa: BLE001
                 log.exception("audit write failed for %s", call.request_id)
                 raise HTTPProblem(503, "the audit log cannot be written; not answering") from None
-            return JSONResponse(_response(call, result), headers={"X-Request-Id": call.request_id})
+            return JSONResponse(
+                _response(call, result, served), headers={"X-Request-Id": call.request_id}
+            )
         except HTTPProblem as err:
             return await problem(call, err, result)
         except Busy:
@@ -173,15 +193,15 @@ def create_app(
 
     @app.post("/think/stream")
     async def think_stream(request: Request):
-        call = new_call(request, "/think/stream")
-        if not gate.enter():
-            return await problem(call, _busy(limits))
+        call, refused = await admit(request, "/think/stream")
+        if refused:
+            return refused
         try:
             query, sampling = await _parse(request, limits, call)
         except HTTPProblem as err:
             gate.leave()
             return await problem(call, err)
-        events = _StreamEvents(service, call, query, sampling, limits, record, gate)
+        events = _StreamEvents(service, call, query, sampling, limits, record, gate, served)
         headers = {"X-Request-Id": call.request_id, "Cache-Control": "no-cache"}
         return StreamingResponse(events.run(), media_type="text/event-stream", headers=headers)
 
@@ -199,10 +219,20 @@ _RESULT_AUDIT = (
 )
 
 
-def _response(call: Call, result: ThinkResult) -> dict:
+def _response(call: Call, result: ThinkResult, served: ServedModel) -> dict:
     body = asdict(result)
     body.pop("thinking_bytes")
-    return {"request_id": call.request_id, **body, "latency_ms": call.ms()}
+    model = {"model": served.name, "model_version": served.version}
+    return {"request_id": call.request_id, **body, **model, "latency_ms": call.ms()}
+
+
+_UNAUTHORIZED = "a missing or wrong bearer token (the server's serve.auth_token_env)"
+
+
+def _bearer_ok(request: Request, token: str) -> bool:
+    sent = request.headers.get("authorization", "")
+    scheme, _, value = sent.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(value.strip(), token)
 
 
 def _busy(limits: LimitsConfig) -> HTTPProblem:
@@ -284,9 +314,9 @@ class _StreamEvents:
     """The server-sent events of one streamed request. The work runs in a thread and
     hands events over; the client going away cancels it at the next token."""
 
-    def __init__(self, service, call, query, sampling, limits, record, gate) -> None:
+    def __init__(self, service, call, query, sampling, limits, record, gate, served) -> None:
         self.service, self.call, self.query, self.sampling = service, call, query, sampling
-        self.limits, self.record, self.gate = limits, record, gate
+        self.limits, self.record, self.gate, self.served = limits, record, gate, served
         self.cancelled = threading.Event()
 
     async def run(self):
@@ -340,7 +370,7 @@ class _StreamEvents:
         finally:
             self.gate.leave()
         if status == 200:
-            put("done", _response(call, result) | {"answer": result.answer})
+            put("done", _response(call, result, self.served))
         else:
             put("error", {"status": status, "reason": reason, "request_id": call.request_id})
 

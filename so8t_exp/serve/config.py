@@ -59,6 +59,9 @@ class ServeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (the export's) | float32 | bfloat16 | float16
     cache_dir: str = "???"  # downloaded registry models, by name and version
+    # The name of an environment variable holding a token; /think then asks for
+    # "Authorization: Bearer <token>" (the token itself stays out of configs and logs).
+    auth_token_env: str | None = None
     engine: Any = field(default_factory=lambda: {"_target_": "so8t_exp.serve.engine.Engine"})
     prompt: PromptConfig = field(default_factory=PromptConfig)
     policy: dict[str, LabelPolicy] = field(default_factory=dict)

@@ -8,12 +8,14 @@ answers ``/health`` is ready to answer ``/think``.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
 
 import uvicorn
 
 from so8t_exp.build import build_engine
+from so8t_exp.config import ConfigError
 from so8t_exp.serve.app import create_app
 from so8t_exp.serve.audit import AuditLog
 from so8t_exp.serve.config import ServeConfig, check
@@ -26,11 +28,12 @@ log = logging.getLogger(__name__)
 def serve(cfg: ServeConfig, tracking_uri: str | None) -> int:
     """Serve until SIGINT/SIGTERM (SIGBREAK on Windows); returns the exit code."""
     check(cfg)
+    token = _token(cfg.auth_token_env)
     served = resolve(cfg.model, tracking_uri, cfg.cache_dir)
     log.info("loading %s version %s from %s", served.name, served.version, served.folder)
     engine = build_engine(cfg.engine, folder=served.folder, device=cfg.device, dtype=cfg.dtype)
     audit = AuditLog(cfg.audit)
-    app = create_app(ThinkService(engine, cfg), audit, served, cfg.limits)
+    app = create_app(ThinkService(engine, cfg), audit, served, cfg.limits, token)
     sock = _bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
     print(
@@ -46,6 +49,15 @@ def serve(cfg: ServeConfig, tracking_uri: str | None) -> int:
         audit.close()
         sock.close()
     return 0
+
+
+def _token(env_name: str | None) -> str | None:
+    if not env_name:
+        return None
+    token = os.environ.get(env_name, "").strip()
+    if not token:
+        raise ConfigError(f"serve.auth_token_env={env_name}: that environment variable is empty")
+    return token
 
 
 def _bind(host: str, port: int) -> socket.socket:
