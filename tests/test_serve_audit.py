@@ -151,3 +151,50 @@ def test_unknown_label_is_refused():
     cfg.policy["MAYBE"] = LabelPolicy()
     with pytest.raises(ConfigError, match=r"serve\.policy: \['MAYBE'\]"):
         check(cfg)
+
+
+@pytest.mark.slow
+def test_an_audit_log_that_cannot_be_written_gives_503_not_an_answer(tmp_path):
+    """The app in this process on a real socket; the log's folder is then unusable (its
+    path points into a folder that does not exist: sqlite itself fails to open it)."""
+    import http.client
+    import json
+    import socket
+
+    import uvicorn
+
+    from so8t_exp.serve.app import create_app
+    from so8t_exp.serve.engine import Engine
+    from so8t_exp.serve.source import resolve
+    from so8t_exp.serve.think import ThinkService
+    from tests.serve_support import make_export
+
+    served = resolve(str(make_export(tmp_path / "export")), None, str(tmp_path))
+    cfg = compose_serve(f"serve.audit.path={tmp_path / 'audit.db'}")
+    audit = AuditLog(cfg.audit)
+    app = create_app(ThinkService(Engine(served.folder, "cpu"), cfg), audit, served, cfg.limits)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+
+    def ask() -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(*sock.getsockname(), timeout=60)
+        body = json.dumps({"query": "How do I reset my password?", "max_new_tokens": 2})
+        conn.request("POST", "/think", body=body)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read())
+
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        assert ask()[0] == 200
+        audit.close()
+        audit.path = tmp_path / "gone" / "audit.db"
+        status, body = ask()
+        assert status == 503 and "audit log cannot be written" in body["error"]["reason"]
+        assert "answer" not in body
+    finally:
+        server.should_exit = True
+        thread.join(10)
