@@ -55,11 +55,10 @@ def test_a_registered_alias_is_downloaded_once_into_the_cache(registry, tmp_path
     assert not [p for p in (cache / "so8t tiny").iterdir() if p.name != "1"]  # no leftovers
 
 
-def test_a_run_id_serves_its_logged_model(registry, tmp_path, monkeypatch):
-    monkeypatch.setenv("SO8T_EXP_HOME", str(tmp_path))
+def test_a_run_id_serves_its_logged_model(registry, tmp_path):
     served = resolve(registry["run_id"], registry["store"], str(tmp_path / "cache"))
     assert served.name == "tiny" and (served.folder / "config.json").is_file()
-    assert served.folder.is_relative_to(tmp_path)
+    assert served.folder.is_relative_to(tmp_path / "cache" / "runs" / registry["run_id"])
 
 
 def test_folders_an_export_or_an_mlflow_model(registry, tmp_path):
@@ -126,3 +125,19 @@ def test_a_bad_command_is_one_line_and_exit_2(tmp_path, override, message):
     )
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_run_without_a_logged_model_and_its_session_folder_are_exported(tmp_path):
+    from tests.conftest import only_run, run_train
+
+    store = sqlite_uri(tmp_path / "mlruns" / "mlflow.db")
+    smoke = ("+experiment=smoke", "trainer.max_steps=2", "tracking.log_models=[]")
+    out = run_train(tmp_path, store, tmp_path / "run", *smoke)
+    assert out.returncode == 0, out.stderr[-3000:]
+    _client, run = only_run(store)
+    served = resolve(run.info.run_id, store, str(tmp_path / "cache"))
+    assert served.folder == tmp_path / "run" / "export" / "final-step00000002"
+    assert (served.folder / "safety_head.json").is_file()
+    assert served.version == f"{run.info.run_id[:8]}/final-step00000002"
+    again = resolve(str(tmp_path / "run"), None, str(tmp_path / "cache"))
+    assert again.folder == served.folder

@@ -4,8 +4,9 @@
   from the registry of ``tracking.uri`` and downloaded once into
   ``<cache_dir>/<name>/<version>`` (complete or absent: downloaded beside it, then
   renamed), so a restart or a second server on the machine does not download it again;
-* a run id: that run's logged MLflow model (``model``), or, if it has none, its final
-  checkpoint exported as ``python -m so8t_exp.export`` would;
+* a run id: that run's logged MLflow model (``model``, downloaded once into
+  ``<cache_dir>/runs/<run id>/<model id>``), or, if it has none, its final checkpoint
+  exported as ``python -m so8t_exp.export`` would;
 * a folder: an export (``config.json``), an MLflow model (``MLmodel``), or a session
   folder (exported first).
 
@@ -21,11 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from so8t_exp import fsutil
 from so8t_exp.config import ConfigError
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-_MODEL_ARTIFACT = "model"  # so8t_exp.tracking.models.MODEL_ARTIFACT
 
 
 @dataclass
@@ -38,13 +37,14 @@ class ServedModel:
 
 def resolve(spec: str, tracking_uri: str | None, cache_dir: str) -> ServedModel:
     """The exported folder ``spec`` names; :class:`ConfigError` when it names nothing."""
+    cache = Path(cache_dir).expanduser()
     if spec.startswith("models:/"):
-        return _registered(spec, tracking_uri, Path(cache_dir).expanduser())
+        return _registered(spec, tracking_uri, cache)
     folder = Path(spec).expanduser()
     if folder.is_dir():
         return _folder(folder.resolve(), spec, tracking_uri)
     if _RUN_ID.match(spec):
-        return _run(spec, tracking_uri)
+        return _run(spec, tracking_uri, cache)
     raise ConfigError(
         f"serve.model={spec}: not models:/<name>@<alias>, models:/<name>/<version>, "
         "a run id or an existing folder"
@@ -52,73 +52,33 @@ def resolve(spec: str, tracking_uri: str | None, cache_dir: str) -> ServedModel:
 
 
 def _registered(spec: str, tracking_uri: str | None, cache: Path) -> ServedModel:
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from so8t_exp.tracking import models
 
-    from so8t_exp.tracking.core import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(tracking_uri)
     name, alias, number = _parse_models_uri(spec)
-    client = MlflowClient(uri, registry_uri=uri)
     try:
-        mv = (
-            client.get_model_version_by_alias(name, alias)
-            if alias
-            else client.get_model_version(name, number)
-        )
-    except MlflowException as err:
-        raise ConfigError(
-            f"serve.model={spec}: not in the registry at {uri} ({err.error_code})"
-        ) from None
-    dest = cache / _safe(name) / str(mv.version)
+        version, location = models.registered_version(tracking_uri, name, alias, number)
+    except ConfigError as err:
+        raise ConfigError(f"serve.model={spec}: {err}") from None
+    dest = cache / _safe(name) / version
     if not (dest / "MLmodel").is_file():
-        _download(client.get_model_version_download_uri(name, mv.version), dest, uri)
+        models.download_folder(location, dest, tracking_uri)
     served = _folder(dest, spec, tracking_uri)
-    return ServedModel(served.folder, name, str(mv.version), spec)
+    return ServedModel(served.folder, name, version, spec)
 
 
-def _download(artifact_uri: str, dest: Path, tracking_uri: str) -> None:
-    """``artifact_uri``'s files into ``dest``. Given the storage location itself, not a
-    ``models:/`` URI, which MLflow would resolve against its process-wide registry URI."""
-    from mlflow.artifacts import download_artifacts
+def _run(run_id: str, tracking_uri: str | None, cache: Path) -> ServedModel:
+    from so8t_exp.tracking import models
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = fsutil.temp_sibling(dest)
-    try:
-        tmp.mkdir()
-        local = download_artifacts(
-            artifact_uri=artifact_uri, dst_path=str(tmp), tracking_uri=tracking_uri
-        )
-        fsutil.replace_dir(Path(local), dest)  # (a folder lands in tmp/<its name>)
-    finally:
-        fsutil.rmtree(tmp, ignore_errors=True)
-
-
-def _run(run_id: str, tracking_uri: str | None) -> ServedModel:
-    from mlflow.tracking import MlflowClient
-
-    from so8t_exp.tracking.core import resolve_tracking_uri
-    from so8t_exp.tracking.models import RunArtifacts
-
-    uri = resolve_tracking_uri(tracking_uri)
-    run = RunArtifacts(uri, run_id).run  # ConfigError for an unknown run
-    client = MlflowClient(uri)
-    logged = client.search_logged_models(
-        experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run_id}' AND name = '{_MODEL_ARTIFACT}'",
-        order_by=[{"field_name": "creation_time", "ascending": False}],
-        max_results=1,
-    )
-    if logged:
-        from so8t_exp.paths import project_root
-
-        dest = project_root() / "cache" / "runs" / run_id / logged[0].model_id
-        if not (dest / "MLmodel").is_file():
-            _download(logged[0].artifact_location, dest, uri)
-        served = _folder(dest, run_id, uri)
-    else:
-        served = _exported(run_id, uri)
-    return ServedModel(served.folder, run.info.run_name or run_id, served.version, run_id)
+    logged = models.logged_model_of_run(tracking_uri, run_id)  # ConfigError: no such run
+    if logged is None:  # export it, as python -m so8t_exp.export would
+        served = _exported(run_id, tracking_uri)
+        return ServedModel(served.folder, served.name, served.version, run_id)
+    run_name, model_id, location = logged
+    dest = cache / "runs" / run_id / model_id
+    if not (dest / "MLmodel").is_file():
+        models.download_folder(location, dest, tracking_uri)
+    served = _folder(dest, run_id, tracking_uri)
+    return ServedModel(served.folder, run_name, served.version, run_id)
 
 
 def _folder(folder: Path, spec: str, tracking_uri: str | None) -> ServedModel:

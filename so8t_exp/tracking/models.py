@@ -62,6 +62,66 @@ class RunArtifacts:
         return at[-1] if at else None
 
 
+def registered_version(
+    tracking_uri: str | None, name: str, alias: str | None, number: str | None
+) -> tuple[str, str]:
+    """(version, storage location of its files) of ``name``'s version ``number`` or the one
+    ``alias`` points to; :class:`ConfigError` when the registry has no such version."""
+    uri = resolve_tracking_uri(tracking_uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        if alias:
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            mv = client.get_model_version(name, number)
+        return str(mv.version), client.get_model_version_download_uri(name, mv.version)
+    except MlflowException as err:
+        which = f"@{alias}" if alias else f"/{number}"
+        raise ConfigError(
+            f"models:/{name}{which} is not in the registry at {uri} ({err.error_code})"
+        ) from None
+
+
+def logged_model_of_run(tracking_uri: str | None, run_id: str) -> tuple[str, str, str] | None:
+    """(run name, model id, storage location) of the newest MLflow model ``model`` that
+    ``run_id`` logged; None when it logged none. :class:`ConfigError` for an unknown run."""
+    run = RunArtifacts(tracking_uri, run_id).run
+    logged = run_client(tracking_uri).search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_ARTIFACT}'",
+        order_by=[{"field_name": "creation_time", "ascending": False}],
+        max_results=1,
+    )
+    if not logged:
+        return None
+    return run.info.run_name or run_id, logged[0].model_id, logged[0].artifact_location
+
+
+def download_folder(artifact_uri: str, dest: Path, tracking_uri: str | None) -> None:
+    """The files at ``artifact_uri`` (a storage location, not ``models:/``, which MLflow
+    would resolve against its process-wide registry) as folder ``dest``: complete or absent."""
+    from mlflow.artifacts import download_artifacts
+
+    from so8t_exp import fsutil
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = fsutil.temp_sibling(dest)
+    try:
+        tmp.mkdir()
+        local = download_artifacts(
+            artifact_uri=artifact_uri,
+            dst_path=str(tmp),
+            tracking_uri=resolve_tracking_uri(tracking_uri),
+        )
+        fsutil.replace_dir(Path(local), dest)  # (a folder lands in tmp/<its name>)
+    finally:
+        fsutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_client(tracking_uri: str | None) -> MlflowClient:
+    return MlflowClient(resolve_tracking_uri(tracking_uri))
+
+
 def log_pyfunc_model(
     tracking_uri: str | None, run_id: str, export_dir: Path, model_code: Path, runtime: Path
 ) -> str:
