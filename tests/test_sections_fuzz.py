@@ -50,18 +50,22 @@ NOT_OUR_TAGS = [
     "< final>",
     "</ final>",
     "<thin>",
-    "<final" + " " * 5 + ">",  # one blank too many
-    "</think" + "\t" * 5 + ">",
-    "</think" + "x" * 28 + ">",  # a name one over max_name
+    "<final" + " " * 60 + ">",  # longer than max_tag
+    "</think" + "\t" * 58 + ">",
+    "</think-" + "x" * 57 + ">",
     "<final\u3000>",  # not a blank of ours
     "</FINAL\u00a0>",
     "<thin\u212a>",  # Kelvin sign: lower-cases to k, but no ASCII letter
-    "<think\u00a0>",
+    "<final a<b>",
 ]
+# Not tags either, but inside the answer they open a thinking section (fail closed), so
+# the generator puts them only where they change nothing: in thinking text.
+LOOK_LIKE_THINKING = ["<think\u00a0>", "<think.", "<thinking about it"]
 ANSWER_WORDS = ["ok", "42", "回答", "漢字", "é", "\u212a", "Yes.", "a/b", "1>0"]
 BLANKS = [" ", "  ", "\t", "\n", "\r\n", "\u3000"]
 THINK_NAMES = ["think", "think-logic", "think-ethics", "think-practical", "think-creative"]
-THINK_NAMES += ["thinking", "think_2", "think-" + "z" * 26]  # the last: max_name exactly
+THINK_NAMES += ["thinking", "think_2", "think-" + "z" * 40]
+TAILS = ["", "", "", " ", "\t", "\r\n", "    ", ' mode="deep"', " id=3 ", "\ttype='a b'"]
 
 
 @dataclass
@@ -104,8 +108,7 @@ def _case(rng: random.Random, name: str) -> str:
 
 def _tag(rng: random.Random, kind: str, closing: bool) -> str:
     name = "final" if kind == "final" else rng.choice(THINK_NAMES)
-    blanks = "".join(rng.choice(" \t\r\n") for _ in range(rng.choice([0, 0, 0, 1, 4])))
-    return "<" + "/" * closing + _case(rng, name) + blanks + ">"
+    return "<" + "/" * closing + _case(rng, name) + rng.choice(TAILS) + ">"
 
 
 def _think_text(rng: random.Random) -> str:
@@ -115,7 +118,7 @@ def _think_text(rng: random.Random) -> str:
         if r < 0.5:
             out.append("".join(rng.choice(THINK_CHARS) for _ in range(rng.randint(1, 5))))
         elif r < 0.85:
-            out.append(rng.choice(NOT_OUR_TAGS))
+            out.append(rng.choice(NOT_OUR_TAGS + LOOK_LIKE_THINKING))
             out.append(rng.choice(THINK_CHARS))  # a partial tag must not merge with more
         else:
             out.append(rng.choice(BLANKS))
@@ -216,8 +219,10 @@ def _streams() -> tuple[Stream, ...]:
 
 # -- the reference: the whole string at once ----------------------------------------
 
-TAG_RE = re.compile(r"<(/?)(final|think[A-Za-z0-9_-]{0,27})[ \t\r\n]{0,4}>", re.I | re.A)
-PARTIAL_RE = re.compile(r"<(/?)([A-Za-z0-9_-]*)([ \t\r\n]*)\Z", re.A)
+MAX_TAG = SectionTags().max_tag
+TAG_RE = re.compile(r"<(/?)([A-Za-z0-9_-]+)([ \t\r\n/][^<>]*)?>", re.A)
+OPEN_RE = re.compile(r"<(/?)([A-Za-z0-9_-]+)", re.A)
+PARTIAL_RE = re.compile(r"<(/?)([A-Za-z0-9_-]*)([ \t\r\n/][^<>]*)?\Z", re.A)
 
 
 @dataclass
@@ -226,22 +231,26 @@ class Expected:
     raw_answer: str  # all answer text, before the blanks are trimmed
 
 
+def _kind(name: str) -> str | None:
+    name = name.lower()
+    return "final" if name == "final" else "think" if name.startswith("think") else None
+
+
 def _partial_tail(text: str) -> int:
     """Where a trailing text that could still become one of our tags begins, else len."""
     m = PARTIAL_RE.search(text)
-    if not m:
+    if not m or len(m[0]) >= MAX_TAG:
         return len(text)
-    name, blanks = m[2].lower(), m[3]
-    if len(name) > 32 or len(blanks) > 4:
-        return len(text)
-    if blanks:
-        ours = name == "final" or name.startswith("think")
+    name = m[2].lower()
+    if m[3] is not None:
+        ours = _kind(name) is not None
     else:
         ours = "final".startswith(name) or "think".startswith(name) or name.startswith("think")
     return m.start() if ours else len(text)
 
 
 def reference(text: str) -> Expected:
+    """The whole text at once, scanned left to right with regular expressions."""
     stack: list[str] = []
     finished = final_seen = False
     answer, thinking, other = [], [], 0
@@ -258,13 +267,9 @@ def reference(text: str) -> Expected:
         else:
             other += len(s.encode())
 
-    pos = 0
-    for m in TAG_RE.finditer(text):
-        content(text[pos : m.start()])
-        other += len(m[0].encode())
-        pos = m.end()
-        kind = "final" if m[2].lower() == "final" else "think"
-        if not m[1]:
+    def apply(kind: str, closing: bool) -> None:
+        nonlocal final_seen, finished
+        if not closing:
             if kind == "final" and not stack and not finished:
                 final_seen = True
             stack.append(kind)
@@ -273,6 +278,30 @@ def reference(text: str) -> Expected:
                 pass
             if kind == "final" and not stack and final_seen:
                 finished = True
+
+    pos = scan = 0
+    while (lt := text.find("<", scan)) >= 0:
+        m = TAG_RE.match(text, lt)
+        start = OPEN_RE.match(text, lt)
+        if m and len(m[0]) <= MAX_TAG and _kind(m[2]):
+            content(text[pos:lt])
+            other += len(m[0].encode())
+            if not (m[3] or "").rstrip().endswith("/"):
+                apply(_kind(m[2]), bool(m[1]))
+            pos = scan = m.end()
+        elif (
+            start
+            and not start[1]
+            and _kind(start[2]) == "think"
+            and answering()
+            and _partial_tail(text[lt:]) != 0  # (not still open at the very end)
+        ):
+            content(text[pos:lt])  # fail closed: a thinking tag that is not well formed
+            other += len(start[0].encode())
+            apply("think", False)
+            pos = scan = start.end()
+        else:
+            scan = lt + 1
     tail = text[pos:]
     if answering():  # a possible tag at the very end is held back, then dropped
         cut = pos + _partial_tail(tail)
@@ -334,7 +363,8 @@ def _check(stream: Stream, every_split: bool) -> None:
     ctx = f"seed {stream.seed}, stream {text!r}"
     # The generator's tags are exactly the stream's tags, so its labels hold; and the
     # reference agrees with them on what is thinking.
-    assert [m.span() for m in TAG_RE.finditer(text)] == stream.tag_spans(), f"gen: {ctx}"
+    ours = [m.span() for m in TAG_RE.finditer(text) if _kind(m[2]) and len(m[0]) <= MAX_TAG]
+    assert ours == stream.tag_spans(), f"gen: {ctx}"
     exp = reference(text)
     thinking = "".join(p.text for p in stream.pieces if p.label == "think").encode()
     assert hashlib.sha256(thinking).hexdigest() == exp.sections.thinking_sha256, ctx
@@ -440,3 +470,21 @@ def test_only_a_possible_tag_start_is_held_back() -> None:
     assert parser.feed("</final   ") == "" and parser._held == "</final   "
     assert parser.feed(">") == "" and parser._held == ""
     assert parser.close().answer == "a <b c <finally"
+
+
+def test_thinking_tags_with_attributes_or_self_closing() -> None:
+    out, got = _whole(f'<final>A <think mode="x">{SECRET}</think> B</final>')
+    assert out == "A  B" == got.answer and got.thinking_bytes == len(SECRET.encode())
+    out, got = _whole("<final>A<think/> B</final>")
+    assert got.answer == "A B"
+    out, got = _whole(f"<final lang='en'>A</final ><think-logic\ttype=a>{SECRET}")
+    assert got.answer == "A" and SECRET not in out
+
+
+@pytest.mark.parametrize(
+    "odd", ["<think\u00a0>", "<think.", "<thinking about " + "it " * 30, "<think-" + "x" * 70]
+)
+def test_a_malformed_thinking_tag_in_the_answer_hides_the_rest(odd: str) -> None:
+    out, got = _whole(f"<final>A {odd}{SECRET}</think></final>")
+    assert SECRET not in "".join(out) and SECRET not in got.answer
+    assert "".join(out).startswith("A") and got.answer in ("", "A")

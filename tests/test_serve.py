@@ -36,6 +36,10 @@ SCRIPT = {
     "refuse": {"output": THINK + "<final>SECRET harmful</final>", "label": "REFUSE"},
     "escalate": {"output": "<final>SECRET</final>", "label": "ESCALATION"},
     "deny": {"output": THINK + "<final>Here is a safe part.</final>", "label": "DENY"},
+    "attrs": {
+        "output": '<final>A <think mode="x">SECRET attr</think> B<think/></final>',
+        "label": "ALLOW",
+    },
     "slow": {"output": "<think-logic>" + "SECRET " * 400, "label": "ALLOW", "delay_s": 0.04},
 }
 DENY_PREFIX = "Careful: this touches a policy."
@@ -63,7 +67,7 @@ def server(tmp_path_factory):
         "serve.limits.max_concurrent=2",
         "serve.limits.timeout_s=5",
         "serve.limits.max_new_tokens=300",
-        "serve.limits.max_body_bytes=4096",
+        "serve.limits.max_body_bytes=16384",
         "serve.limits.max_query_chars=1000",
         "serve.policy.DENY.action=prefix",
         f"serve.policy.DENY.text='{DENY_PREFIX}'",
@@ -145,6 +149,7 @@ def test_stream_sends_only_answer_text(server):
         ("unclosed", "", ["no_final"], False),
         ("truncated", "", ["final_truncated"], False),
         ("untagged", "", ["no_final"], False),
+        ("attrs", "A  B", [], True),
     ],
 )
 def test_leak_cases(server, query, answer, flags, complete):
@@ -195,6 +200,8 @@ def test_policy_per_label(server, query, label, answer):
 def test_a_query_not_scripted_runs_the_real_model(server):
     status, body = server.think({"query": "How do I reset my password?", "max_new_tokens": 8})
     assert status == 200
+    tiny = {"query": "How do I reset my password?", "temperature": 1e-300, "max_new_tokens": 4}
+    assert server.think(tiny)[0] == 200  # 1e-300 is 0 in float32: no 0/0
     assert body["safety_label"] in ("ALLOW", "ESCALATION", "DENY", "REFUSE")
     assert 0 < body["safety_confidence"] <= 1
 
@@ -211,18 +218,25 @@ BAD = [
     (b'{"query": "   "}', 422, "query is empty"),
     (b'{"query": 5}', 422, "query: Input should be a valid string"),
     (json.dumps({"query": "x" * 1001}).encode(), 422, "max_query_chars=1000"),
-    (json.dumps({"query": "x" * 5000}).encode(), 413, "max_body_bytes=4096"),
+    (json.dumps({"query": "x" * 20000}).encode(), 413, "max_body_bytes=16384"),
     (b"\xff\xfe", 400, "not JSON"),
+    (b'{"query": "x", "max_new_tokens": ' + b"9" * 5000 + b"}", 400, "not JSON"),
+    (b"[" * 5000 + b"]" * 5000, 400, "not JSON"),
+    (b'{"query": "\\ud800 x"}', 422, "lone surrogate"),
+    (b'{"query": "x", "max_new_tokens": true}', 422, "max_new_tokens: Input should be"),
+    (b'{"query": "x", "temperature": "0.5"}', 422, "temperature: Input should be"),
 ]
 
 
 def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server):
     before = len(audit_rows(server))
-    for raw, status, reason in BAD:
-        got, body, headers = server.call("POST", "/think", raw=raw)
-        assert got == status, (raw[:40], body)
-        assert reason in body["error"]["reason"], body
-        assert body["error"]["request_id"] == headers["X-Request-Id"]
+    for path in ("/think/stream", "/think"):
+        for raw, status, reason in BAD:
+            got, body, headers = server.call("POST", path, raw=raw)
+            assert got == status, (path, raw[:40], body)
+            assert reason in body["error"]["reason"], body
+            assert body["error"]["request_id"] == headers["X-Request-Id"]
+    assert server.call("GET", "/health")[1]["in_flight"] == 0  # every slot given back
     # A body without Content-Length, over the limit: counted as it arrives.
     import http.client
 
@@ -230,7 +244,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server):
     conn.putrequest("POST", "/think")
     conn.putheader("Transfer-Encoding", "chunked")
     conn.endheaders()
-    for _ in range(5):
+    for _ in range(20):
         chunk = b"x" * 1000
         conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
     conn.send(b"0\r\n\r\n")
@@ -238,7 +252,7 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server):
     conn.close()
     assert server.call("GET", "/think")[0] == 405
     rows = audit_rows(server)[before:]
-    assert [r["status"] for r in rows] == [s for _, s, _ in BAD] + [413]
+    assert [r["status"] for r in rows] == [s for _, s, _ in BAD] * 2 + [413]
     assert all(r["reason"] for r in rows)
     assert server.think({"query": "tagged"})[0] == 200
 
@@ -302,3 +316,19 @@ def test_a_client_that_leaves_a_stream_frees_the_model(server):
     assert row["status"] == 499 and row["finish_reason"] == "cancelled"
     assert time.monotonic() - started < 4  # before the 5 s timeout would have ended it
     assert server.call("GET", "/health")[1]["in_flight"] == 0
+
+
+def test_stopping_the_server_ends_a_stream_in_flight_and_audits_it(server):
+    """(Last in this module: it stops the module's server.)"""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("POST", "/think/stream", body=json.dumps({"query": "slow"}).encode())
+    resp = conn.getresponse()
+    assert resp.readline().startswith(b"event: label")
+    request_id = json.loads(resp.readline().split(b": ", 1)[1])["request_id"]
+    code = server.stop()
+    assert code in (0, -signal.SIGTERM), server.output()[-2000:]
+    row = row_of(server, request_id)  # ended by its timeout (5 s) or by the shutdown
+    assert (row["status"], row["finish_reason"]) in ((504, "timeout"), (499, "cancelled"))
+    assert "Traceback" not in server.output()

@@ -100,6 +100,26 @@ def test_keep_files_bounds_the_rotated_files(tmp_path):
     assert len(list(tmp_path.glob("a-*.db"))) == 2
 
 
+def test_one_server_per_audit_log(tmp_path):
+    first = AuditLog(AuditConfig(path=str(tmp_path / "a.db")))
+    with pytest.raises(ConfigError, match="another running server"):
+        AuditLog(AuditConfig(path=str(tmp_path / "a.db")))
+    first.close()
+    AuditLog(AuditConfig(path=str(tmp_path / "a.db"))).close()  # free again
+
+
+def test_retention_touches_only_this_logs_rotated_files(tmp_path):
+    others = ["audit-eu.db", "audit-eu-20260101T000000000000Z.db", "audit-notes-1.db"]
+    mine = tmp_path / "audit-20260101T000000000000Z.db"
+    old = time.time() - 40 * 86400
+    for path in [*(tmp_path / n for n in others), mine]:
+        path.write_text("x")
+        os.utime(path, (old, old))
+    AuditLog(AuditConfig(path=str(tmp_path / "audit.db"), retention_days=30)).close()
+    assert not mine.exists()
+    assert all((tmp_path / n).exists() for n in others)  # another log's, or not a log
+
+
 def test_writes_from_many_threads(tmp_path):
     log = AuditLog(AuditConfig(path=str(tmp_path / "a.db")))
     threads = [
@@ -179,10 +199,10 @@ def test_an_audit_log_that_cannot_be_written_gives_503_not_an_answer(tmp_path):
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
 
-    def ask() -> tuple[int, dict]:
+    def ask(path: str = "/think") -> tuple[int, dict]:
         conn = http.client.HTTPConnection(*sock.getsockname(), timeout=60)
         body = json.dumps({"query": "How do I reset my password?", "max_new_tokens": 2})
-        conn.request("POST", "/think", body=body)
+        conn.request("POST", path, body=body)
         resp = conn.getresponse()
         return resp.status, json.loads(resp.read())
 
@@ -190,11 +210,13 @@ def test_an_audit_log_that_cannot_be_written_gives_503_not_an_answer(tmp_path):
         while not server.started:
             time.sleep(0.05)
         assert ask()[0] == 200
-        audit.close()
+        audit._db.close()  # (the lock on the path stays: the log is still ours)
+        audit._db = None
         audit.path = tmp_path / "gone" / "audit.db"
-        status, body = ask()
-        assert status == 503 and "audit log cannot be written" in body["error"]["reason"]
-        assert "answer" not in body
+        for path in ("/think", "/think/stream"):
+            status, body = ask(path)
+            assert status == 503 and "audit log cannot be written" in body["error"]["reason"]
+            assert "answer" not in body
     finally:
         server.should_exit = True
         thread.join(10)

@@ -47,12 +47,13 @@ def test_a_registered_alias_is_downloaded_once_into_the_cache(registry, tmp_path
     assert (served.folder / "config.json").is_file() and (
         served.folder / "safety_head.json"
     ).is_file()
-    assert served.folder.is_relative_to(cache / "so8t tiny" / "1")
+    [folder] = cache.iterdir()  # <name>-<hash of registry and name>, then the version
+    assert folder.name.startswith("so8t tiny-") and served.folder.is_relative_to(folder / "1")
     stamp = (served.folder / "config.json").stat().st_mtime_ns
     again = resolve("models:/so8t tiny/1", registry["store"], str(cache))
     assert again.folder == served.folder
     assert (again.folder / "config.json").stat().st_mtime_ns == stamp  # not downloaded again
-    assert not [p for p in (cache / "so8t tiny").iterdir() if p.name != "1"]  # no leftovers
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "1.lock"]  # no leftovers
 
 
 def test_a_run_id_serves_its_logged_model(registry, tmp_path):
@@ -65,7 +66,8 @@ def test_folders_an_export_or_an_mlflow_model(registry, tmp_path):
     served = resolve(str(registry["export"]), None, str(tmp_path))
     assert served.folder == registry["export"] and served.version == "untrained"
     inner = resolve("models:/so8t tiny/1", registry["store"], str(tmp_path / "c")).folder
-    mlmodel = tmp_path / "c" / "so8t tiny" / "1"
+    [folder] = (tmp_path / "c").iterdir()
+    mlmodel = folder / "1"
     assert (mlmodel / "MLmodel").is_file()
     assert resolve(str(mlmodel), None, str(tmp_path)).folder == inner
 
@@ -101,6 +103,7 @@ def test_the_server_serves_a_registered_alias_to_token_holders(registry, tmp_pat
         status, body, headers = srv.call("POST", "/think", ask)
         assert status == 401 and headers["WWW-Authenticate"] == "Bearer", body
         wrong = srv.think(ask, Authorization="Bearer nope")[0]
+        assert srv.think(ask, Authorization="Bearer é")[0] == 401  # not ASCII: no 500
         status, body = srv.think(ask, Authorization="Bearer s3cret-token")
         assert wrong == 401 and status == 200 and body["safety_label"] in health["safety_labels"]
         assert "s3cret-token" not in srv.output()

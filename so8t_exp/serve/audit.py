@@ -8,9 +8,10 @@ action, status and latency — never the thinking, and the query only with
 ``audit-<UTC time>.db`` beside it (past ``rotate_mb`` or ``rotate_days``), and rotated
 files past ``retention_days`` or beyond ``keep_files`` are deleted.
 
-Each row is committed (``synchronous=FULL``) before the response is sent: a request the
-client saw answered is in the log after a power cut. If the log cannot be written the
-request fails with 503 — a server that cannot audit does not answer.
+Each row of ``/think`` is committed (``synchronous=FULL``) before the response is sent: a
+request the client saw answered is in the log after a power cut; if the log cannot be
+written the request fails with 503. A stream's row is written when it ends; before it
+sends anything it checks that the log takes writes (503 if not).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import secrets
 import sqlite3
 import threading
@@ -26,6 +28,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from filelock import Timeout
+
+from so8t_exp.config import ConfigError
+from so8t_exp.lock import os_lock
 from so8t_exp.serve.config import AuditConfig
 
 log = logging.getLogger(__name__)
@@ -72,24 +78,36 @@ class AuditRecord:
 
 
 class AuditLog:
-    """The append-only log at ``cfg.path``; safe to call from many threads."""
+    """The append-only log at ``cfg.path``; safe to call from many threads. One process
+    writes a path at a time (an OS lock beside it): two servers rotating the same file
+    would rename it under each other."""
 
     def __init__(self, cfg: AuditConfig) -> None:
         self.cfg = cfg
         self.path = Path(cfg.path).expanduser().resolve()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._owner = os_lock(self.path.with_name(self.path.name + ".lock"))
+        try:
+            self._owner.acquire(timeout=0)
+        except Timeout:
+            raise ConfigError(
+                f"serve.audit.path={self.path} is written by another running server; "
+                "give each server its own serve.audit.path"
+            ) from None
         self._lock = threading.Lock()
         self._salt = _salt(self.path.with_name(self.path.stem + ".salt"))
         self._db: sqlite3.Connection | None = None
         self._born = time.time()  # when the current file's first row was written
+        self._rotated = re.compile(re.escape(self.path.stem) + r"-\d{8}T\d{12}Z\.db")
         with self._lock:
-            self._rotate_if_due()
             self._open()
+            self._rotate_if_due()
+            self._prune()
 
     def client_hash(self, client_id: str) -> str:
         """A salted sha256 of a client id: the same client gets the same hash in every
         file, and the address or id cannot be recovered from the log alone."""
-        return hashlib.sha256(self._salt + client_id.encode("utf-8")).hexdigest()
+        return hashlib.sha256(self._salt + client_id.encode("utf-8", "replace")).hexdigest()
 
     def write(self, record: AuditRecord) -> None:
         """Commit one row (raises ``sqlite3.Error`` when it cannot)."""
@@ -102,51 +120,71 @@ class AuditLog:
         columns = ", ".join(row)
         marks = ", ".join(f":{k}" for k in row)
         with self._lock:
+            self._open()
             self._rotate_if_due()
             self._open()
             with self._db:  # one transaction, committed on exit
                 self._db.execute(f"INSERT INTO audit ({columns}) VALUES ({marks})", row)
+
+    def check_writable(self) -> None:
+        """Raise ``sqlite3.Error`` unless a row could be written now (a write lock taken
+        and given back): what a stream checks before it sends anything."""
+        with self._lock:
+            self._open()
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("ROLLBACK")
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            self._owner.release()
 
     def _open(self) -> None:
         if self._db is not None:
             return
         db = sqlite3.connect(self.path, check_same_thread=False, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.executescript(_SCHEMA)
-        first = db.execute("SELECT time FROM audit ORDER BY seq LIMIT 1").fetchone()
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            first = db.execute("SELECT time FROM audit ORDER BY seq LIMIT 1").fetchone()
+        except sqlite3.Error:
+            db.close()
+            raise
         self._born = first[0] if first else time.time()
         self._db = db
 
     def _rotate_if_due(self) -> None:
-        if not self.path.exists():
-            return
-        if self._db is None:
-            self._open()  # reads when the file was begun
-        wal = self.path.with_name(self.path.name + "-wal")  # rows not yet folded in
-        size_mb = (self.path.stat().st_size + (wal.stat().st_size if wal.exists() else 0)) / 2**20
+        """Start a new file when this one is too big or too old. A rotation that fails
+        (say, a reader holds the file open on Windows) is retried at the next row, which
+        meanwhile goes to the current file."""
+        pages, page_size = (
+            self._db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_count", "page_size")
+        )
+        size_mb = pages * page_size / 2**20
         age_days = (time.time() - self._born) / 86400
         due = (self.cfg.rotate_mb and size_mb >= self.cfg.rotate_mb) or (
             self.cfg.rotate_days and age_days >= self.cfg.rotate_days
         )
-        if due:
-            if self._db is not None:
-                self._db.close()  # Windows cannot rename an open file
-                self._db = None
+        if not due:
+            return
+        self._db.close()  # Windows cannot rename an open file
+        self._db = None
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+        try:
             _checkpoint_wal(self.path)
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
             os.replace(self.path, self.path.with_name(f"{self.path.stem}-{stamp}.db"))
-            log.info("audit log rotated (%.1f MB, %.1f days)", size_mb, age_days)
+        except (OSError, sqlite3.Error) as err:
+            log.warning("audit log not rotated yet: %s", err)
+            return
+        log.info("audit log rotated (%.1f MB, %.1f days)", size_mb, age_days)
         self._prune()
 
     def _prune(self) -> None:
-        rotated = sorted(self.path.parent.glob(f"{self.path.stem}-*.db"))  # oldest first
+        """Delete rotated files of this log (never other files) past the retention."""
+        rotated = sorted(p for p in self.path.parent.iterdir() if self._rotated.fullmatch(p.name))
         keep = self.cfg.keep_files
         doomed = rotated[:-keep] if keep and len(rotated) > keep else []
         if self.cfg.retention_days:
@@ -158,12 +196,18 @@ class AuditLog:
 
 
 def _salt(path: Path) -> bytes:
-    """The log's secret salt, made once (owner-only) and kept beside it."""
+    """The log's secret salt, made once and kept beside it; created owner-only on POSIX
+    (on Windows the folder's permissions apply)."""
     if not path.exists():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(secrets.token_hex(32), encoding="ascii")
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # (made by a server starting at the same moment)
+        else:
+            with os.fdopen(fd, "w", encoding="ascii") as out:
+                out.write(secrets.token_hex(32))
+                out.flush()
+                os.fsync(out.fileno())
     return bytes.fromhex(path.read_text(encoding="ascii").strip())
 
 

@@ -101,7 +101,10 @@ class Engine:
         """The next token: greedy at temperature 0, else sampled (top-k, then top-p)."""
         if sampling.temperature <= 0:
             return int(logits.argmax())
-        logits = logits / sampling.temperature
+        # In float64 and shifted first: the best token's logit is 0, so even a tiny
+        # temperature (1e-300 is 0 in float32: 0/0) gives -inf for the others, not nan.
+        logits = logits.double()
+        logits = (logits - logits.max()) / sampling.temperature
         if sampling.top_k:
             cut = torch.topk(logits, min(sampling.top_k, logits.numel())).values[-1]
             logits = logits.masked_fill(logits < cut, float("-inf"))

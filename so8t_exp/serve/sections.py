@@ -6,18 +6,21 @@ may leave the server. Serving stacks that separate the two have leaked reasoning
 a closing tag split across chunks, a truncated answer returned as content, or a reasoning
 block that was never tagged as such; this parser is built so that none of these can happen:
 
-* A tag is ``<`` ``/``? *name* (letters, digits, ``-``, ``_``; at most ``max_name``) then
-  at most ``max_space`` blanks and ``>``, in any case. *name* ``final`` opens/closes the
-  answer; a name starting with a thinking prefix (``think``: ``<think>``,
-  ``<think-logic>``, ``<thinking>``, …) opens/closes a thinking section. Other text,
-  ``<b>`` included, is content.
+* A tag is ``<``, ``/`` for a closing tag, a *name* (ASCII letters, digits, ``-``, ``_``),
+  optionally a blank or ``/`` and attributes without ``<`` or ``>``, then ``>``; at most
+  ``max_tag`` characters, in any case (``<Think-Logic mode="deep">``, ``</FINAL >``).
+  *name* ``final`` opens/closes the answer; a name starting with a thinking prefix
+  (``think``: ``<think>``, ``<think-logic>``, ``<thinking>``, …) opens/closes a thinking
+  section; a self-closing tag (``<think/>``) opens nothing. Other text, ``<b>`` included,
+  is content. **Fail closed:** inside the answer, ``<think…`` that does not end as a tag
+  (``<think\u00a0…``, no ``>`` within ``max_tag``) opens a thinking section all the same.
 * Sections nest (a stack). Text is **answer** only while at least one ``<final>`` and no
   thinking section is open, and only in the *first* top-level ``<final>`` section: once it
   closes, the parser is ``finished`` and everything after it is withheld. A ``<final>``
   inside a thinking section is still thinking. A closing tag closes the innermost open
   section of its kind and every section opened inside it; a stray one is ignored.
-* What could still be the start of a tag is held back — never more than the longest tag,
-  so each chunk costs time in proportion to its length plus that bound. Answer text is
+* What could still be the start of a tag is held back — never more than ``max_tag``
+  characters, so each chunk costs time in proportion to its length plus that bound. Answer text is
   emitted as soon as it cannot be part of a tag; leading and trailing blanks of the answer
   are dropped, so the emitted chunks join to exactly :attr:`Sections.answer`.
 * At the end, a ``<final>`` that never closed (e.g. cut off by ``max_new_tokens``) or none
@@ -37,7 +40,7 @@ import string
 from dataclasses import dataclass, field
 
 _NAME_CHARS = frozenset(string.ascii_letters + string.digits + "-_")
-_BLANKS = frozenset(" \t\r\n")
+_TAIL_START = frozenset(" \t\r\n/")  # what may follow a tag's name before its attributes
 _PARTIAL = "partial"  # the text may still become a tag: hold it back
 FINAL, THINK = "final", "think"
 
@@ -48,13 +51,12 @@ class SectionTags:
 
     final: str = "final"
     thinking_prefixes: tuple[str, ...] = ("think",)
-    max_name: int = 32
-    max_space: int = 4
+    max_tag: int = 64
 
     @property
     def longest(self) -> int:
         """The longest text a tag can be: the most the parser ever holds back."""
-        return len("</>") + self.max_name + self.max_space
+        return self.max_tag
 
     def kind(self, name: str) -> str | None:
         """``final``, ``think`` or None (not one of ours) for a lower-case tag name."""
@@ -120,9 +122,10 @@ class SectionParser:
                 self._content("<", out)
                 i = j + 1
                 continue
-            kind, closing, end = tag
+            kind, closing, self_closing, end = tag
             self.other_bytes += len(buf[j:end].encode("utf-8"))
-            self._apply(kind, closing)
+            if not self_closing:
+                self._apply(kind, closing)
             i = end
         self._held = buf[i:]
         return "".join(out)
@@ -195,27 +198,34 @@ class SectionParser:
             self.finished = True
 
     def _tag_at(self, buf: str, j: int):
-        """(kind, closing, end) for one of our tags at ``buf[j]``, :data:`_PARTIAL` when
-        the text ends before that is decided, None when it is no tag of ours."""
-        n, k = len(buf), j + 1
+        """(kind, closing, self_closing, end) for one of our tags at ``buf[j]``,
+        :data:`_PARTIAL` when the text ends before that is decided, None when it is no
+        tag of ours."""
+        n, limit = len(buf), j + self.tags.max_tag
+        k = j + 1
         closing = k < n and buf[k] == "/"
         k += closing
         start = k
-        while k < n and buf[k] in _NAME_CHARS and k - start <= self.tags.max_name:
+        while k < n and k < limit and buf[k] in _NAME_CHARS:
             k += 1
         name = buf[start:k].lower()
-        if len(name) > self.tags.max_name:
-            return None
-        if k == n:
+        if k == n and k < limit:
             return _PARTIAL if self.tags.could_start(name) else None
         kind = self.tags.kind(name) if name else None
         if kind is None:
             return None
-        blanks = k
-        while k < n and buf[k] in _BLANKS and k - blanks <= self.tags.max_space:
-            k += 1
-        if k - blanks > self.tags.max_space:
-            return None
-        if k == n:
-            return _PARTIAL
-        return (kind, closing, k + 1) if buf[k] == ">" else None
+        if k < n and k < limit and buf[k] == ">":
+            return kind, closing, False, k + 1
+        if k < limit and buf[k] in _TAIL_START:
+            end = k
+            while end < n and end < limit and buf[end] not in "<>":
+                end += 1
+            if end == n and end < limit:
+                return _PARTIAL
+            if end < n and buf[end] == ">":
+                return kind, closing, buf[k:end].rstrip().endswith("/"), end + 1
+        # Not a well-formed tag. Inside the answer, something that starts like a thinking
+        # tag is taken for one: hiding the rest of an answer is safe, showing thinking not.
+        if kind == THINK and not closing and self._answering():
+            return kind, False, False, k
+        return None

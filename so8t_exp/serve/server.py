@@ -65,9 +65,12 @@ def _bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     if sys.platform != "win32":  # on Windows this would let two servers share the port
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"serve.host={host} serve.port={port}: {err.strerror}") from None
     sock.listen(128)
-    sock.set_inheritable(True)
     return sock
 
 

@@ -2,8 +2,9 @@
 
 * ``models:/<name>@<alias>`` or ``models:/<name>/<version>``: a registered version, read
   from the registry of ``tracking.uri`` and downloaded once into
-  ``<cache_dir>/<name>/<version>`` (complete or absent: downloaded beside it, then
-  renamed), so a restart or a second server on the machine does not download it again;
+  ``<cache_dir>/<name>-<hash of registry and name>/<version>`` (complete or absent:
+  downloaded beside it, then renamed; the source location recorded in it), so a restart
+  or a second server on the machine does not download it again;
 * a run id: that run's logged MLflow model (``model``, downloaded once into
   ``<cache_dir>/runs/<run id>/<model id>``), or, if it has none, its final checkpoint
   exported as ``python -m so8t_exp.export`` would;
@@ -15,6 +16,7 @@ The name and version go to ``/health`` and to every audit row.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -23,8 +25,11 @@ from pathlib import Path
 import yaml
 
 from so8t_exp.config import ConfigError
+from so8t_exp.fsutil import atomic_write_json
+from so8t_exp.lock import os_lock
 
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+SOURCE_FILE = "so8t_source.json"  # in a cached download: where it came from
 
 
 @dataclass
@@ -52,16 +57,16 @@ def resolve(spec: str, tracking_uri: str | None, cache_dir: str) -> ServedModel:
 
 
 def _registered(spec: str, tracking_uri: str | None, cache: Path) -> ServedModel:
-    from so8t_exp.tracking import models
+    from so8t_exp.tracking import models, resolve_tracking_uri
 
     name, alias, number = _parse_models_uri(spec)
     try:
         version, location = models.registered_version(tracking_uri, name, alias, number)
     except ConfigError as err:
         raise ConfigError(f"serve.model={spec}: {err}") from None
-    dest = cache / _safe(name) / version
-    if not (dest / "MLmodel").is_file():
-        models.download_folder(location, dest, tracking_uri)
+    registry = resolve_tracking_uri(tracking_uri)
+    tag = hashlib.sha256(f"{registry}\0{name}".encode()).hexdigest()[:8]
+    dest = _cached(cache / f"{_safe(name)}-{tag}" / version, location, tracking_uri)
     served = _folder(dest, spec, tracking_uri)
     return ServedModel(served.folder, name, version, spec)
 
@@ -74,11 +79,32 @@ def _run(run_id: str, tracking_uri: str | None, cache: Path) -> ServedModel:
         served = _exported(run_id, tracking_uri)
         return ServedModel(served.folder, served.name, served.version, run_id)
     run_name, model_id, location = logged
-    dest = cache / "runs" / run_id / model_id
-    if not (dest / "MLmodel").is_file():
-        models.download_folder(location, dest, tracking_uri)
+    dest = _cached(cache / "runs" / run_id / model_id, location, tracking_uri)
     served = _folder(dest, run_id, tracking_uri)
     return ServedModel(served.folder, run_name, served.version, run_id)
+
+
+def _cached(dest: Path, location: str, tracking_uri: str | None) -> Path:
+    """``dest``, holding the files at ``location``: downloaded unless already there from
+    that same location (a re-registered name reuses version numbers). One process
+    downloads at a time; another waiting for it then finds the folder ready."""
+    from so8t_exp.tracking import models
+
+    marker = dest / SOURCE_FILE
+
+    def ready() -> bool:
+        try:
+            return json.loads(marker.read_text(encoding="utf-8"))["location"] == location
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    if not ready():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with os_lock(dest.with_name(dest.name + ".lock")):
+            if not ready():
+                models.download_folder(location, dest, tracking_uri)
+                atomic_write_json(marker, {"location": location})
+    return dest
 
 
 def _folder(folder: Path, spec: str, tracking_uri: str | None) -> ServedModel:

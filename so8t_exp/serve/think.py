@@ -63,8 +63,8 @@ class ThinkService:
     ) -> ThinkResult:
         """Answer ``query`` by ``deadline`` (``time.monotonic()``); ``on_text`` gets each
         piece of answer text as soon as it is known to be answer."""
-        if not self._model.acquire(timeout=max(0.0, deadline - time.monotonic())):
-            raise Busy("the model stayed busy until this request's deadline")
+        if not self._wait_for_model(deadline, cancelled):
+            return self._replaced("", None, None, "cancelled")
         try:
             label, confidence = self.engine.classify(query)
             rule = self.cfg.policy.get(label) if label else None
@@ -73,24 +73,46 @@ class ThinkService:
             if rule.action == "replace":
                 on_text(rule.text)
                 return self._replaced(rule.text, label, confidence)
-            if rule.action == "prefix":
-                on_text(rule.text + "\n\n")
+            if rule.action == "prefix":  # sent with the first answer text, if any comes
+                on_text = _after(rule.text + "\n\n", on_text)
             return self._generate(
                 query, sampling, deadline, on_text, cancelled, rule, label, confidence
             )
         finally:
             self._model.release()
 
-    def _replaced(self, text: str, label, confidence) -> ThinkResult:
+    def _wait_for_model(self, deadline: float, cancelled: threading.Event | None) -> bool:
+        """Take the model (True); False when the request is cancelled while it waits;
+        :class:`Busy` at the deadline."""
+        while not self._model.acquire(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
+            if time.monotonic() >= deadline:
+                raise Busy("the model stayed busy until this request's deadline")
+            if cancelled is not None and cancelled.is_set():
+                return False
+        return True
+
+    def _replaced(self, text: str, label, confidence, finish: str = "policy") -> ThinkResult:
         empty = SectionParser(self.tags).close()
+        action = "replace" if finish == "policy" else "answer"
         return ThinkResult(
-            text, label, confidence, "replace", empty.thinking_sha256, 0, True, "policy", 0
+            text,
+            label,
+            confidence,
+            action,
+            empty.thinking_sha256,
+            0,
+            finish == "policy",
+            finish,
+            0,
+            [] if finish == "policy" else [finish],
         )
 
     def _generate(self, query, sampling, deadline, on_text, cancelled, rule, label, confidence):
         prompt = self.cfg.prompt
         parser = SectionParser(self.tags)
-        parser.feed(prompt.answer_prefix)  # the turn starts with it: it may open a section
+        piece = parser.feed(prompt.answer_prefix)  # the turn starts with it: it may open a
+        if piece:  # section, or even start the answer
+            on_text(piece)
         ids = self.engine.prompt_ids(
             prompt.template.replace("{query}", query), prompt.answer_prefix
         )
@@ -125,6 +147,18 @@ class ThinkService:
             generated_tokens=tokens,
             flags=_flags(sections, finish),
         )
+
+
+def _after(first: str, on_text: Callable[[str], None]) -> Callable[[str], None]:
+    """``on_text`` that sends ``first`` just before the first text it is given."""
+    pending = [first]
+
+    def send(text: str) -> None:
+        if pending:
+            on_text(pending.pop())
+        on_text(text)
+
+    return send
 
 
 def _stop_reason(parser: SectionParser, deadline: float, cancelled) -> str | None:
