@@ -7,6 +7,7 @@ answers ``/health`` is ready to answer ``/think``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -33,21 +34,23 @@ def serve(cfg: ServeConfig, tracking_uri: str | None) -> int:
     log.info("loading %s version %s from %s", served.name, served.version, served.folder)
     engine = build_engine(cfg.engine, folder=served.folder, device=cfg.device, dtype=cfg.dtype)
     audit = AuditLog(cfg.audit)
-    app = create_app(ThinkService(engine, cfg), audit, served, cfg.limits, token)
-    sock = _bind(cfg.host, cfg.port)
-    host, port = sock.getsockname()[:2]
-    print(
-        f"so8t serve: {served.name} version {served.version} on "
-        f"http://{_url_host(host)}:{port} (POST /think, /think/stream; GET /health); "
-        f"audit log {audit.path}",
-        flush=True,
-    )
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+    service = ThinkService(engine, cfg)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        app = create_app(service, audit, served, cfg.limits, token)
+        sock = _bind(cfg.host, cfg.port)
+        host, port = sock.getsockname()[:2]
+        print(
+            f"so8t serve: {served.name} version {served.version} on "
+            f"http://{_url_host(host)}:{port} (POST /think, /think/stream; GET /health); "
+            f"audit log {audit.path}",
+            flush=True,
+        )
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=10)
+        with contextlib.closing(sock):
+            uvicorn.Server(config).run(sockets=[sock])
     finally:
+        service.close()  # the request on the model finishes (and is audited) first
         audit.close()
-        sock.close()
     return 0
 
 

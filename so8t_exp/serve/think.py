@@ -10,6 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 from so8t_exp.serve.config import LabelPolicy, ServeConfig
@@ -40,7 +42,12 @@ class ThinkResult:
 
 
 class ThinkService:
-    """Runs requests on one engine, one generation at a time."""
+    """Runs requests on one engine: on one thread, one at a time, in the order they came.
+
+    One thread, not a lock: with a lock each request's own thread would call torch, and
+    OpenMP keeps a team of spinning threads per calling thread — on a CPU, eight waiting
+    requests cost a fifth of the throughput. A queue is also fair: a lock lets a late
+    request overtake waiting ones."""
 
     def __init__(self, engine, cfg: ServeConfig) -> None:
         self.engine = engine
@@ -50,7 +57,7 @@ class ThinkService:
             final=prompt.final_tag.lower(),
             thinking_prefixes=tuple(p.lower() for p in prompt.thinking_prefixes),
         )
-        self._model = threading.Lock()  # one request on the model at a time
+        self._model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="so8t-model")
 
     def think(
         self,
@@ -62,34 +69,41 @@ class ThinkService:
         cancelled: threading.Event | None = None,
     ) -> ThinkResult:
         """Answer ``query`` by ``deadline`` (``time.monotonic()``); ``on_text`` gets each
-        piece of answer text as soon as it is known to be answer."""
-        if not self._wait_for_model(deadline, cancelled):
-            return self._replaced("", None, None, "cancelled")
-        try:
-            label, confidence = self.engine.classify(query)
-            rule = self.cfg.policy.get(label) if label else None
-            rule = rule or LabelPolicy()
-            on_label(label, confidence, rule.action)
-            if rule.action == "replace":
-                on_text(rule.text)
-                return self._replaced(rule.text, label, confidence)
-            if rule.action == "prefix":  # sent with the first answer text, if any comes
-                on_text = _after(rule.text + "\n\n", on_text)
-            return self._generate(
-                query, sampling, deadline, on_text, cancelled, rule, label, confidence
-            )
-        finally:
-            self._model.release()
+        piece of answer text as soon as it is known to be answer (on the model's thread).
+        :class:`Busy` when the request's turn had not come by the deadline."""
+        job = (query, sampling, deadline, on_label, on_text, cancelled)
+        turn = self._model.submit(self._answer, *job)
+        while True:
+            try:  # (wakes to see a cancellation while waiting)
+                return turn.result(timeout=min(0.25, max(0.0, deadline - time.monotonic())))
+            except FutureTimeout:
+                waited_out = time.monotonic() >= deadline
+                if not (waited_out or (cancelled is not None and cancelled.is_set())):
+                    continue
+                if not turn.cancel():  # it is running: it stops by itself at its next token
+                    return turn.result()
+                if waited_out:
+                    raise Busy("the model stayed busy until this request's deadline") from None
+                return self._replaced("", None, None, "cancelled")
 
-    def _wait_for_model(self, deadline: float, cancelled: threading.Event | None) -> bool:
-        """Take the model (True); False when the request is cancelled while it waits;
-        :class:`Busy` at the deadline."""
-        while not self._model.acquire(timeout=min(0.1, max(0.0, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
-                raise Busy("the model stayed busy until this request's deadline")
-            if cancelled is not None and cancelled.is_set():
-                return False
-        return True
+    def close(self) -> None:
+        """Let the request on the model finish; drop those waiting."""
+        self._model.shutdown(wait=True, cancel_futures=True)
+
+    def _answer(self, query, sampling, deadline, on_label, on_text, cancelled) -> ThinkResult:
+        if cancelled is not None and cancelled.is_set():
+            return self._replaced("", None, None, "cancelled")
+        label, confidence = self.engine.classify(query)
+        rule = (self.cfg.policy.get(label) if label else None) or LabelPolicy()
+        on_label(label, confidence, rule.action)
+        if rule.action == "replace":
+            on_text(rule.text)
+            return self._replaced(rule.text, label, confidence)
+        if rule.action == "prefix":  # sent with the first answer text, if any comes
+            on_text = _after(rule.text + "\n\n", on_text)
+        return self._generate(
+            query, sampling, deadline, on_text, cancelled, rule, label, confidence
+        )
 
     def _replaced(self, text: str, label, confidence, finish: str = "policy") -> ThinkResult:
         empty = SectionParser(self.tags).close()
