@@ -286,14 +286,13 @@ def reference(text: str) -> Expected:
         if m and len(m[0]) <= MAX_TAG and _kind(m[2]):
             content(text[pos:lt])
             other += len(m[0].encode())
-            if not (m[3] or "").rstrip().endswith("/"):
-                apply(_kind(m[2]), bool(m[1]))
+            apply(_kind(m[2]), bool(m[1]))
             pos = scan = m.end()
         elif (
             start
             and not start[1]
             and _kind(start[2]) == "think"
-            and answering()
+            and "think" not in stack
             and _partial_tail(text[lt:]) != 0  # (not still open at the very end)
         ):
             content(text[pos:lt])  # fail closed: a thinking tag that is not well formed
@@ -472,11 +471,13 @@ def test_only_a_possible_tag_start_is_held_back() -> None:
     assert parser.close().answer == "a <b c <finally"
 
 
-def test_thinking_tags_with_attributes_or_self_closing() -> None:
+def test_thinking_tags_with_attributes_and_self_closing_ones_open() -> None:
     out, got = _whole(f'<final>A <think mode="x">{SECRET}</think> B</final>')
     assert out == "A  B" == got.answer and got.thinking_bytes == len(SECRET.encode())
-    out, got = _whole("<final>A<think/> B</final>")
-    assert got.answer == "A B"
+    out, got = _whole(f"<final>A<think/> {SECRET}</final>")  # <think/> opens a section
+    assert out == "A" == got.answer
+    out, got = _whole(f'<final>a <think-logic x="/>">{SECRET}</think-logic> b</final>')
+    assert SECRET not in out and got.answer == "a  b"
     out, got = _whole(f"<final lang='en'>A</final ><think-logic\ttype=a>{SECRET}")
     assert got.answer == "A" and SECRET not in out
 
@@ -488,3 +489,17 @@ def test_a_malformed_thinking_tag_in_the_answer_hides_the_rest(odd: str) -> None
     out, got = _whole(f"<final>A {odd}{SECRET}</think></final>")
     assert SECRET not in "".join(out) and SECRET not in got.answer
     assert "".join(out).startswith("A") and got.answer in ("", "A")
+
+
+@pytest.mark.parametrize("odd", ["<think-logic\u00a0>", '<think a="<">', "<think" + "x" * 70])
+def test_a_malformed_thinking_tag_before_the_answer_hides_a_final_inside(odd: str) -> None:
+    out, got = _whole(f"{odd}{SECRET} <final>{SECRET}</final></think-logic><final>ok</final>")
+    assert SECRET not in out and got.answer == "ok"
+
+
+def test_a_tag_that_arrives_split_at_max_tag_parses_as_when_whole() -> None:
+    tag = "<think " + "a" * 57 + ">"  # 65 characters: one more than max_tag
+    text = tag + f"{SECRET}<final>{SECRET}</final></think><final>ok</final>"
+    whole = _whole(text)
+    split = _feed([text[:64], text[64:]])
+    assert whole[1] == split[1] and SECRET not in whole[0] + "".join(split[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -49,7 +50,7 @@ def test_client_hash_is_salted_and_stable_across_restarts(tmp_path):
     other = AuditLog(AuditConfig(path=str(tmp_path / "other" / "a.db"))).client_hash("10.0.0.1")
     assert first == again != other  # another log has another salt
     if os.name == "posix":
-        assert (tmp_path / "a.salt").stat().st_mode & 0o077 == 0
+        assert (tmp_path / "a.db.salt").stat().st_mode & 0o077 == 0
 
 
 def test_update_and_delete_are_refused(tmp_path):
@@ -157,12 +158,16 @@ def test_the_shipped_config_passes_its_checks():
         ("serve.device=tpu", "serve.device"),
         ("serve.dtype=int4", "serve.dtype"),
         ("serve.port=70000", "serve.port"),
+        ("serve.prompt.thinking_prefixes=[]", "serve.prompt.thinking_prefixes is empty"),
+        ("serve.prompt.thinking_prefixes=['<think']", "serve.prompt.thinking_prefixes[0]"),
+        ("serve.prompt.final_tag=thinking", "serve.prompt.final_tag"),
+        ("serve.prompt.final_tag=''", "serve.prompt.final_tag"),
     ],
 )
 def test_bad_values_name_their_key(override, names):
     """(A label that does not exist, e.g. serve.policy.MAYBE, is refused by the schema
     itself when composing: see test_unknown_label_is_refused.)"""
-    with pytest.raises(ConfigError, match=names.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(names)):
         check(compose_serve(override))
 
 

@@ -73,12 +73,15 @@ def create_app(
     started = time.time()
     engine = service.engine
 
-    def record(call: Call, status: int, reason: str | None = None, result=None) -> None:
+    def record(call: Call, status: int, reason=None, result=None, sent: int | None = None):
+        """The request's audit row; ``sent``: answer bytes a stream sent, whatever the end."""
         fields = {}
         if result is not None:
             fields = {k: getattr(result, k) for k in RESULT_AUDIT}
             fields["thinking_sha256"] = result.internal_reasoning_hash
             fields["answer_bytes"] = len(result.answer.encode("utf-8"))
+        if sent is not None:
+            fields["answer_bytes"] = sent
         audit.write(
             AuditRecord(
                 request_id=call.request_id,
@@ -144,7 +147,7 @@ def create_app(
         call, refused = await admit(request, "/think")
         if refused:
             return refused
-        result, cancelled = None, threading.Event()
+        result, cancelled, audited = None, threading.Event(), False
         try:
             query, sampling = await parse(request, limits, call)
             deadline = call.started + limits.timeout_s
@@ -153,19 +156,22 @@ def create_app(
             )
             if result.finish_reason == "timeout":
                 raise HTTPProblem(504, timeout_reason(limits))
+            response = JSONResponse(  # built first: a row says 200 only for a real answer
+                response_body(call, result, served), headers={"X-Request-Id": call.request_id}
+            )
             try:
                 await run_in_threadpool(record, call, 200, None, result)
             except Exception:  # noqa: BLE001
                 log.exception("audit write failed for %s", call.request_id)
                 raise HTTPProblem(503, "the audit log cannot be written; not answering") from None
-            return JSONResponse(
-                response_body(call, result, served), headers={"X-Request-Id": call.request_id}
-            )
+            audited = True
+            return response
         except Exception as err:  # noqa: BLE001  (every failure is answered; serving goes on)
             return await problem(call, as_problem(err, call, limits), result)
         except asyncio.CancelledError:  # the server is shutting down and gave up waiting
             cancelled.set()
-            _record_quietly(record, call, 499, "the server shut down", result)
+            if not audited:
+                _record_quietly(record, call, 499, "the server shut down", result)
             raise
         finally:
             gate.leave()
@@ -175,6 +181,7 @@ def create_app(
         call, refused = await admit(request, "/think/stream")
         if refused:
             return refused
+        started = False  # once the stream's worker runs, it gives the slot back
         try:
             query, sampling = await parse(request, limits, call)
             try:  # the row is written at the end: can it be written at all?
@@ -182,24 +189,30 @@ def create_app(
             except Exception:  # noqa: BLE001
                 log.exception("audit log not writable for %s", call.request_id)
                 raise HTTPProblem(503, "the audit log cannot be written; not answering") from None
+            events = StreamEvents(service, call, query, sampling, limits, record, gate, served)
+            events.start()
+            started = True
         except Exception as err:  # noqa: BLE001
-            gate.leave()
             return await problem(call, as_problem(err, call, limits))
-        events = StreamEvents(service, call, query, sampling, limits, record, gate, served)
-        events.start()
+        finally:
+            if not started:
+                gate.leave()
         streams.add(events)
         headers = {"X-Request-Id": call.request_id, "Cache-Control": "no-cache"}
         return StreamingResponse(events.run(), media_type="text/event-stream", headers=headers)
 
     @app.on_event("shutdown")
-    def stop_streams() -> None:
-        """Streams still generating stop at their next token; their rows are written
-        before the audit log closes."""
+    def stop() -> None:
+        """Streams still generating stop at their next token and write their rows; the
+        model's queue and the audit log close. (Here, not after the server returns:
+        uvicorn re-raises SIGTERM once it has shut down, which ends the process.)"""
         live = [s for s in streams if s.worker is not None and s.worker.is_alive()]
         for s in live:
             s.cancelled.set()
         for s in live:
             s.worker.join(30)
+        service.close()
+        audit.close()
 
     return app
 
@@ -210,8 +223,9 @@ _UNAUTHORIZED = "a missing or wrong bearer token (the server's serve.auth_token_
 def _bearer_ok(request: Request, token: str) -> bool:
     sent = request.headers.get("authorization", "")
     scheme, _, value = sent.partition(" ")
-    # As bytes: compare_digest refuses str that is not ASCII (a 500, not a 401).
-    given = value.strip().encode("utf-8", "surrogateescape")
+    # As bytes: compare_digest refuses str that is not ASCII (a 500, not a 401). The
+    # server decoded the header's bytes as latin-1: encoding back gives them unchanged.
+    given = value.strip().encode("latin-1")
     return scheme.lower() == "bearer" and hmac.compare_digest(given, token.encode("utf-8"))
 
 

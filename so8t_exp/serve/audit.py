@@ -95,14 +95,19 @@ class AuditLog:
                 "give each server its own serve.audit.path"
             ) from None
         self._lock = threading.Lock()
-        self._salt = _salt(self.path.with_name(self.path.stem + ".salt"))
         self._db: sqlite3.Connection | None = None
         self._born = time.time()  # when the current file's first row was written
-        self._rotated = re.compile(re.escape(self.path.stem) + r"-\d{8}T\d{12}Z\.db")
-        with self._lock:
-            self._open()
-            self._rotate_if_due()
-            self._prune()
+        stem, suffix = self.path.stem, self.path.suffix
+        self._rotated = re.compile(re.escape(stem) + r"-\d{8}T\d{12}Z" + re.escape(suffix))
+        try:
+            self._salt = _salt(self.path.with_name(self.path.name + ".salt"))
+            with self._lock:
+                self._open()
+                self._rotate_if_due()
+                self._prune()
+        except BaseException:
+            self.close()
+            raise
 
     def client_hash(self, client_id: str) -> str:
         """A salted sha256 of a client id: the same client gets the same hash in every
@@ -135,11 +140,13 @@ class AuditLog:
             self._db.execute("ROLLBACK")
 
     def close(self) -> None:
+        """Close the file and give the path up (again: nothing)."""
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
-            self._owner.release()
+            if self._owner.is_locked:
+                self._owner.release()
 
     def _open(self) -> None:
         if self._db is not None:
@@ -175,7 +182,8 @@ class AuditLog:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
         try:
             _checkpoint_wal(self.path)
-            os.replace(self.path, self.path.with_name(f"{self.path.stem}-{stamp}.db"))
+            rotated = f"{self.path.stem}-{stamp}{self.path.suffix}"
+            os.replace(self.path, self.path.with_name(rotated))
         except (OSError, sqlite3.Error) as err:
             log.warning("audit log not rotated yet: %s", err)
             return
@@ -196,19 +204,26 @@ class AuditLog:
 
 
 def _salt(path: Path) -> bytes:
-    """The log's secret salt, made once and kept beside it; created owner-only on POSIX
-    (on Windows the folder's permissions apply)."""
-    if not path.exists():
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass  # (made by a server starting at the same moment)
-        else:
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(secrets.token_hex(32))
-                out.flush()
-                os.fsync(out.fileno())
-    return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    """The log's secret salt, made once and kept beside it (written whole, then renamed
+    into place); owner-only on POSIX, on Windows the folder's permissions apply."""
+    try:
+        salt = bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except (OSError, ValueError):
+        salt = b""
+    if len(salt) == 32:
+        return salt
+    if path.exists():  # an unusable salt: no row was hashed with it
+        log.warning("audit salt %s is unreadable; making a new one", path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    salt = secrets.token_bytes(32)
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(salt.hex())
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return salt
 
 
 def _checkpoint_wal(path: Path) -> None:

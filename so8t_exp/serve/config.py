@@ -3,6 +3,7 @@ make. Plain dataclasses: the entry point registers them with Hydra."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,6 +80,7 @@ def check(cfg: ServeConfig) -> None:
     """What the schema's types cannot say; raises :class:`ConfigError` naming the key."""
     if "{query}" not in cfg.prompt.template:
         raise ConfigError("serve.prompt.template must contain {query}")
+    _check_tags(cfg.prompt)
     unknown = sorted(set(cfg.policy) - set(LABELS))
     if unknown:
         raise ConfigError(f"serve.policy: {unknown} are not labels ({', '.join(LABELS)})")
@@ -108,3 +110,25 @@ def check(cfg: ServeConfig) -> None:
     a = cfg.audit
     if min(a.rotate_mb, a.rotate_days, a.retention_days, a.keep_files) < 0:
         raise ConfigError("serve.audit: rotate_mb, rotate_days, retention_days, keep_files >= 0")
+
+
+_TAG_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+
+
+def _check_tags(prompt: PromptConfig) -> None:
+    """Tag names the section parser can match: a wrong one would switch the hiding off."""
+    prefixes = list(prompt.thinking_prefixes)
+    if not prefixes:
+        raise ConfigError("serve.prompt.thinking_prefixes is empty: nothing would be hidden")
+    for key, name in [("final_tag", prompt.final_tag)] + [
+        (f"thinking_prefixes[{i}]", p) for i, p in enumerate(prefixes)
+    ]:
+        if not _TAG_NAME.fullmatch(str(name)):
+            raise ConfigError(
+                f"serve.prompt.{key}={name!r}: a tag name without '<' and '>' — letters, "
+                "digits, '-' or '_', at most 32 (e.g. final, think)"
+            )
+    if any(prompt.final_tag.lower().startswith(p.lower()) for p in prefixes):
+        raise ConfigError(
+            f"serve.prompt.final_tag={prompt.final_tag!r} starts with a thinking prefix"
+        )

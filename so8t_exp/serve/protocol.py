@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import CancelledError as FutureCancelled
 from dataclasses import asdict, dataclass
 
 from fastapi import Request
@@ -91,6 +92,10 @@ def as_problem(err: Exception, call: Call, limits: LimitsConfig) -> HTTPProblem:
         return HTTPProblem(504, timeout_reason(limits) + " (the model was busy with others)")
     if isinstance(err, ClientDisconnect):
         return HTTPProblem(499, "the client went away while sending the request")
+    if isinstance(err, FutureCancelled) or (
+        isinstance(err, RuntimeError) and "after shutdown" in str(err)
+    ):  # dropped from the model's queue at shutdown, or queued after it closed
+        return HTTPProblem(503, "the server is shutting down")
     log.error("request %s failed", call.request_id, exc_info=err)
     return HTTPProblem(500, f"internal error ({type(err).__name__})")
 

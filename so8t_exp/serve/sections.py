@@ -11,8 +11,8 @@ block that was never tagged as such; this parser is built so that none of these 
   ``max_tag`` characters, in any case (``<Think-Logic mode="deep">``, ``</FINAL >``).
   *name* ``final`` opens/closes the answer; a name starting with a thinking prefix
   (``think``: ``<think>``, ``<think-logic>``, ``<thinking>``, …) opens/closes a thinking
-  section; a self-closing tag (``<think/>``) opens nothing. Other text, ``<b>`` included,
-  is content. **Fail closed:** inside the answer, ``<think…`` that does not end as a tag
+  section (``<think/>`` opens one too). Other text, ``<b>`` included, is content.
+  **Fail closed:** outside thinking, ``<think…`` that does not end as a tag
   (``<think\u00a0…``, no ``>`` within ``max_tag``) opens a thinking section all the same.
 * Sections nest (a stack). Text is **answer** only while at least one ``<final>`` and no
   thinking section is open, and only in the *first* top-level ``<final>`` section: once it
@@ -94,7 +94,7 @@ class SectionParser:
     def __post_init__(self) -> None:
         self._held = ""  # unconsumed text: a possible tag start, at most tags.longest
         self._stack: list[str] = []
-        self._blank = ""  # answer blanks not emitted yet (they may be trailing)
+        self._blank: list[str] = []  # answer blanks not emitted yet (they may be trailing)
         self._answer: list[str] = []
         self._thinking = hashlib.sha256()
         self.thinking_bytes = 0
@@ -122,10 +122,9 @@ class SectionParser:
                 self._content("<", out)
                 i = j + 1
                 continue
-            kind, closing, self_closing, end = tag
+            kind, closing, end = tag
             self.other_bytes += len(buf[j:end].encode("utf-8"))
-            if not self_closing:
-                self._apply(kind, closing)
+            self._apply(kind, closing)
             i = end
         self._held = buf[i:]
         return "".join(out)
@@ -168,12 +167,12 @@ class SectionParser:
         body = text.rstrip()
         if not body:
             if self._answer:
-                self._blank += text
+                self._blank.append(text)
             return
-        chunk = self._blank + body if self._answer else body.lstrip()
+        chunk = "".join(self._blank) + body if self._answer else body.lstrip()
         out.append(chunk)
         self._answer.append(chunk)
-        self._blank = text[len(body) :]
+        self._blank = [text[len(body) :]]
 
     def _count(self, text: str) -> None:
         data = text.encode("utf-8")
@@ -198,9 +197,8 @@ class SectionParser:
             self.finished = True
 
     def _tag_at(self, buf: str, j: int):
-        """(kind, closing, self_closing, end) for one of our tags at ``buf[j]``,
-        :data:`_PARTIAL` when the text ends before that is decided, None when it is no
-        tag of ours."""
+        """(kind, closing, end) for one of our tags at ``buf[j]``, :data:`_PARTIAL` when
+        the text ends before that is decided, None when it is no tag of ours."""
         n, limit = len(buf), j + self.tags.max_tag
         k = j + 1
         closing = k < n and buf[k] == "/"
@@ -215,17 +213,20 @@ class SectionParser:
         if kind is None:
             return None
         if k < n and k < limit and buf[k] == ">":
-            return kind, closing, False, k + 1
+            return kind, closing, k + 1
         if k < limit and buf[k] in _TAIL_START:
             end = k
             while end < n and end < limit and buf[end] not in "<>":
                 end += 1
             if end == n and end < limit:
                 return _PARTIAL
-            if end < n and buf[end] == ">":
-                return kind, closing, buf[k:end].rstrip().endswith("/"), end + 1
-        # Not a well-formed tag. Inside the answer, something that starts like a thinking
-        # tag is taken for one: hiding the rest of an answer is safe, showing thinking not.
-        if kind == THINK and not closing and self._answering():
-            return kind, False, False, k
+            if end < n and end < limit and buf[end] == ">":
+                # (No self-closing tags: "<think/>" opens a section like "<think>" — a
+                # model that writes it may well go on thinking.)
+                return kind, closing, end + 1
+        # Not a well-formed tag. Outside thinking, something that starts like a thinking
+        # tag is taken for one: hiding the rest of an answer is safe, showing thinking
+        # (or a <final> written inside it) is not.
+        if kind == THINK and not closing and THINK not in self._stack:
+            return kind, False, k
         return None

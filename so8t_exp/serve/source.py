@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from so8t_exp import fsutil
 from so8t_exp.config import ConfigError
 from so8t_exp.fsutil import atomic_write_json
 from so8t_exp.lock import os_lock
@@ -101,6 +102,9 @@ def _cached(dest: Path, location: str, tracking_uri: str | None) -> Path:
     if not ready():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with os_lock(dest.with_name(dest.name + ".lock")):
+            fsutil.recover_aside(dest)  # what a crash in an earlier download left
+            for stale in dest.parent.glob(f".{dest.name}.tmp-*"):
+                fsutil.rmtree(stale, ignore_errors=True)
             if not ready():
                 models.download_folder(location, dest, tracking_uri)
                 atomic_write_json(marker, {"location": location})

@@ -27,6 +27,7 @@ class StreamEvents:
         self.limits, self.record, self.gate, self.served = limits, record, gate, served
         self.cancelled = threading.Event()
         self.worker: threading.Thread | None = None
+        self.sent = 0  # answer bytes handed to the client
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -49,6 +50,10 @@ class StreamEvents:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, data))
 
+    def _text(self, text: str) -> None:
+        self.sent += len(text.encode("utf-8"))
+        self._put("answer", {"text": text})
+
     def _label(self, label, confidence, action) -> None:
         self._put(
             "label",
@@ -68,7 +73,7 @@ class StreamEvents:
                 self.sampling,
                 call.started + self.limits.timeout_s,
                 on_label=self._label,
-                on_text=lambda text: self._put("answer", {"text": text}),
+                on_text=self._text,
                 cancelled=self.cancelled,
             )
             if result.finish_reason == "timeout":

@@ -93,6 +93,8 @@ class ThinkService:
     def _answer(self, query, sampling, deadline, on_label, on_text, cancelled) -> ThinkResult:
         if cancelled is not None and cancelled.is_set():
             return self._replaced("", None, None, "cancelled")
+        if time.monotonic() >= deadline:  # its turn came too late: no work for nothing
+            raise Busy("the model stayed busy until this request's deadline")
         label, confidence = self.engine.classify(query)
         rule = (self.cfg.policy.get(label) if label else None) or LabelPolicy()
         on_label(label, confidence, rule.action)
