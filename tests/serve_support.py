@@ -81,6 +81,15 @@ class Server:
             conn.close()
         return resp.status, parse_sse(raw), raw
 
+    def open_stream(self, body: dict) -> tuple[http.client.HTTPConnection, str]:
+        """Start ``/think/stream`` and read up to its ``label`` event: the open
+        connection and the request id."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        conn.request("POST", "/think/stream", body=json.dumps(body).encode())
+        resp = conn.getresponse()
+        assert resp.readline().startswith(b"event: label")
+        return conn, json.loads(resp.readline().split(b": ", 1)[1])["request_id"]
+
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; the exit code."""
         if self.proc.poll() is None:

@@ -299,13 +299,7 @@ def test_the_audit_log_is_append_only_and_never_holds_the_thinking(server):
 
 
 def test_a_client_that_leaves_a_stream_frees_the_model(server):
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/think/stream", body=json.dumps({"query": "slow"}).encode())
-    resp = conn.getresponse()
-    assert resp.readline().startswith(b"event: label")
-    request_id = json.loads(resp.readline().split(b": ", 1)[1])["request_id"]
+    conn, request_id = server.open_stream({"query": "slow"})
     conn.sock.shutdown(2)
     conn.close()
     started = time.monotonic()
@@ -320,13 +314,7 @@ def test_a_client_that_leaves_a_stream_frees_the_model(server):
 
 def test_stopping_the_server_ends_a_stream_in_flight_and_audits_it(server):
     """(Last in this module: it stops the module's server.)"""
-    import http.client
-
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request("POST", "/think/stream", body=json.dumps({"query": "slow"}).encode())
-    resp = conn.getresponse()
-    assert resp.readline().startswith(b"event: label")
-    request_id = json.loads(resp.readline().split(b": ", 1)[1])["request_id"]
+    _conn, request_id = server.open_stream({"query": "slow"})
     code = server.stop()
     assert code in (0, -signal.SIGTERM), server.output()[-2000:]
     row = row_of(server, request_id)  # ended by its timeout (5 s) or by the shutdown
