@@ -25,7 +25,7 @@ from so8t_exp.serve.sections import SectionParser, Sections, SectionTags
 
 N_STREAMS = 10_000
 BATCHES = 10
-EVERY_SPLIT = 2  # every 2nd stream is also fed as two halves split inside each tag
+EVERY_SPLIT = 5  # every 5th stream: also two pieces split at each point inside each tag
 LONGEST = SectionTags().longest
 
 # Alphabets: thinking and outside text use characters that no tag and no answer uses.
