@@ -18,4 +18,7 @@ if "$py" -m pip install -q uv 2>/dev/null; then
 else
   "$py" -m pip install -q -e ".[dev]"
 fi
+# The package's bytecode, written once: where PYTHONDONTWRITEBYTECODE is set (CI sandboxes),
+# every `python -m so8t_exp...` would otherwise compile it again (~0.4 s a process).
+"$py" -m compileall -q so8t_exp hydra_plugins > /dev/null || true
 echo "so8t_exp installed in $root/.venv"
