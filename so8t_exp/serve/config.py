@@ -11,6 +11,7 @@ from so8t_exp.config import ConfigError, TrackingConfig
 
 LABELS = ("ALLOW", "ESCALATION", "DENY", "REFUSE")
 ACTIONS = ("answer", "replace", "prefix")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # so8t_exp.export.write.DTYPES
 
 
 @dataclass
@@ -102,7 +103,7 @@ def check(cfg: ServeConfig) -> None:
         raise ConfigError("serve.limits: timeout_s must be > 0 and max_temperature >= 0")
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"serve.port={cfg.port}: 0..65535")
-    if cfg.dtype not in ("auto", "float32", "bfloat16", "float16"):
+    if cfg.dtype not in ("auto", *DTYPE_NAMES):
         raise ConfigError(f"serve.dtype={cfg.dtype!r}: auto, float32, bfloat16 or float16")
     device = cfg.device
     if not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):

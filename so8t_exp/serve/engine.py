@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 from so8t_exp.export import so8t_safety_head as runtime
+from so8t_exp.export.write import DTYPES
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -44,7 +43,7 @@ class Engine:
     def __init__(self, folder: str | Path, device: str = "auto", dtype: str = "auto") -> None:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        chat = runtime.SO8TChat(folder, device=device, dtype=_DTYPES.get(dtype))
+        chat = runtime.SO8TChat(folder, device=device, dtype=DTYPES.get(dtype))
         self.tokenizer, self.model, self.head = chat.tokenizer, chat.model, chat.head
         self.device = device
         self.labels = list(self.head.labels) if self.head is not None else []
