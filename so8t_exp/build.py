@@ -12,6 +12,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from so8t_exp import chat, data, so8t
+from so8t_exp.distributed.data_parallel import DataParallel
+from so8t_exp.distributed.world import SOLO, World
 from so8t_exp.notify import Notifiers
 from so8t_exp.safety_head import SafetyHead, attach_safety_head
 from so8t_exp.trainer import Progress, Trainer, lr_factor
@@ -106,17 +108,31 @@ def encode_records(cfg: DictConfig, tokenizer, records: list[data.Record]) -> tu
 
 
 def build_training(
-    cfg: DictConfig, source, dataset: data.Dataset, device: torch.device, precision: str
+    cfg: DictConfig,
+    source,
+    dataset: data.Dataset,
+    device: torch.device,
+    precision: str,
+    world: World = SOLO,
+    group=None,
 ) -> Built:
     """Model, optimizer, schedule, scaler and batch plan as a :class:`Trainer`, plus the
-    tokenizer and the validation batches (the whole split, unless trainer.eval_max_batches)."""
+    tokenizer and the validation batches (the whole split, unless trainer.eval_max_batches).
+    With several ranks (``world``, their process ``group``), this rank's share of each
+    batch and the gradient exchange; every rank but 0 then draws from RNGs of its own."""
     model, tokenizer, adapters, head = build_model(cfg, source)
     model.to(device).train()
     train, too_long = encode_records(cfg, tokenizer, dataset.train)
     val, val_too_long = encode_records(cfg, tokenizer, dataset.val)
     t = cfg.trainer
     plan = data.BatchPlan(
-        train, t.micro_batch_size, t.grad_accum_steps, cfg.seed, tokenizer.pad_token_id
+        train,
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        cfg.seed,
+        tokenizer.pad_token_id,
+        world.rank,
+        world.size,
     )
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     s, progress = t.scheduler, Progress()
@@ -130,6 +146,10 @@ def build_training(
     trainer = Trainer(
         cfg, model, adapters, head, optimizer, scheduler, scaler, plan, device, precision, progress
     )
+    if world.distributed:
+        trainer.parallel = DataParallel(model, adapters, head, trainer.autocast, device, group)
+        if not world.leader:  # (dropout masks of their own; a resume restores them)
+            seed_everything(cfg.seed + 1_000_003 * world.rank, t.deterministic)
     mb = t.micro_batch_size
     val_batches = [
         data.collate(val[i : i + mb], tokenizer.pad_token_id) for i in range(0, len(val), mb)

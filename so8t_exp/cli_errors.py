@@ -24,6 +24,7 @@ EXIT_NOT_FOUND = 4  # no such run id / the run named is not resumable
 EXIT_FENCED = 5  # another process took over this run; this one stopped writing
 EXIT_TRACKING = 6  # the tracking store is unreachable (after retrying) or unusable
 EXIT_RUN_LOST = 7  # the session's run is not in the tracking store (session "lost")
+EXIT_PEER_LOST = 8  # torchrun: another process of the run ended or stopped answering
 
 
 def shell_exit_code(returncode: int) -> int:

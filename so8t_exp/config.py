@@ -127,6 +127,9 @@ class TrainerConfig:
     progress_bar: bool = True
     deterministic: bool = True
     max_bad_steps: int = 20  # consecutive non-finite steps (skipped) before the run fails
+    # torchrun: how long a rank waits in any exchange (a step, an evaluation on rank 0, a
+    # checkpoint) before it gives up on the others and ends the run's processes
+    distributed_timeout_seconds: float = 1800.0
 
 
 @dataclass

@@ -82,6 +82,7 @@ ABOVE_ZERO = [
     "tracking.system_stats_interval_seconds",
     "progress.interval_seconds",
     "session.heartbeat_seconds",
+    "trainer.distributed_timeout_seconds",
 ]
 
 

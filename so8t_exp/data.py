@@ -180,19 +180,31 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
 
 
 class BatchPlan:
-    """Maps an optimizer step to its micro-batches (drop-last within each epoch)."""
+    """Maps an optimizer step to this rank's micro-batches (drop-last within each epoch).
+
+    A step's batch is ``micro_batch × accum × world`` examples of the epoch's order; rank
+    ``r`` takes every ``world``-th micro-batch of it from the ``r``-th on, so each rank's
+    data is a pure function of (seed, epoch, step, rank, world)."""
 
     def __init__(
-        self, examples: list[dict], micro_batch: int, accum: int, seed: int, pad_id: int
+        self,
+        examples: list[dict],
+        micro_batch: int,
+        accum: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.examples, self.micro_batch, self.accum = examples, micro_batch, accum
-        self.seed, self.pad_id = seed, pad_id
-        self.steps_per_epoch = len(examples) // (micro_batch * accum)
+        self.seed, self.pad_id, self.rank, self.world = seed, pad_id, rank, world
+        self.steps_per_epoch = len(examples) // (micro_batch * accum * world)
         if self.steps_per_epoch == 0:
+            ranks = f" × {world} processes" if world > 1 else ""
             raise ConfigError(
                 f"data.files: {len(examples)} training examples (records too long for "
                 f"data.max_length are skipped) are fewer than one optimizer step "
-                f"(trainer.micro_batch_size={micro_batch} × grad_accum_steps={accum})"
+                f"(trainer.micro_batch_size={micro_batch} × grad_accum_steps={accum}{ranks})"
             )
         self._order_epoch, self._order = -1, []
 
@@ -207,10 +219,10 @@ class BatchPlan:
                 epoch,
                 epoch_order(self.seed, epoch, len(self.examples)),
             )
-        first = index * self.accum * self.micro_batch
+        first = index * self.accum * self.micro_batch * self.world
         out = []
         for j in range(self.accum):
-            start = first + j * self.micro_batch
+            start = first + (j * self.world + self.rank) * self.micro_batch
             rows = self._order[start : start + self.micro_batch]
             out.append(collate([self.examples[i] for i in rows], self.pad_id))
         return out

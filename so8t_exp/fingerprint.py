@@ -27,6 +27,7 @@ _IGNORED = (
     "trainer.progress_bar",
     "trainer.device",
     "trainer.log_every_n_steps",
+    "trainer.distributed_timeout_seconds",
     "data.files",
     "model.source.tokenizer_path",
     "model.source.device_map",

@@ -208,12 +208,14 @@ class Launcher:
             and Path(self.cfg.log_dir)
             or (session_folder(run) / "resume_logs" if run else None)
         )
-        cmd = [sys.executable, "-m", "so8t_exp.train", *overrides]
-        where = "in this process" if self.cfg.in_process else "as a child process"
+        size = run.world_size if run else 1
+        cmd = train_command(overrides, size)
+        in_process = self.cfg.in_process and size == 1  # (torchrun: always a child)
+        where = "in this process" if in_process else "as a child process"
         log.info("launching: %s (%s)", " ".join(_masked(cmd)), where)
         handover = handing_over(run.run_id, claim) if run and claim else nullcontext()
         with _tee_output(logs), handover as env:
-            if self.cfg.in_process:
+            if in_process:
                 from so8t_exp.train import run_in_process  # torch & co. load only now
 
                 try:
@@ -221,6 +223,15 @@ class Launcher:
                 finally:
                     _free_session()
             return _run_child(cmd, env)
+
+
+def train_command(overrides: list[str], world_size: int = 1) -> list[str]:
+    """The command that trains with ``overrides``: a run of several processes is started
+    again as it was, under torchrun, all of them on this machine."""
+    if world_size <= 1:
+        return [sys.executable, "-m", "so8t_exp.train", *overrides]
+    torchrun = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
+    return [sys.executable, *torchrun, "-m", "so8t_exp.train", *overrides]
 
 
 def _free_session() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
-from so8t_exp.checkpoint import Checkpointer, capture, restore
+from so8t_exp.checkpoint import Checkpointer, capture
 from so8t_exp.checkpoint.state import HostBuffers
+from so8t_exp.cli_errors import EXIT_FAILED, EXIT_PEER_LOST
 from so8t_exp.config import validate
 from so8t_exp.continuation import continuation, known_run
+from so8t_exp.distributed import team
+from so8t_exp.distributed.world import check_world_size, is_peer_failure
 from so8t_exp.evaluations import Evaluations
 from so8t_exp.fingerprint import config_fingerprint
 from so8t_exp.lock import SessionLock
@@ -36,6 +40,7 @@ from so8t_exp.takeover import take_over
 from so8t_exp.tracking import Tracker
 from so8t_exp.tracking.fencing import EXIT_FENCED, Fenced
 from so8t_exp.tracking.run_page import RunPage
+from so8t_exp.tracking.runs import WORLD_SIZE_TAG
 from so8t_exp.trainer import TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,7 @@ class TrainingRun(RunEnd):
         self.heartbeat = None
         self.restored = None  # (checkpoint folder, payload) until the model has it
         self.extend_from: int | None = None  # a completed run trained longer: its old length
+        self.team = team.current()  # the other ranks of a torchrun run (none: a no-op)
 
     # -- attach and restore -----------------------------------------------------------
     def execute(self) -> int:
@@ -129,6 +135,7 @@ class TrainingRun(RunEnd):
         # of the trained state is freed as soon as the model has it.
         step, self.restored, self.extend_from = cont.step, cont.restored, cont.extend_from
         del cont
+        check_world_size(self.restored, self.team.world.size)
         self.page.open(run_id, step, self._hydra_overrides())
         if run_id is None:
             self._take_over()
@@ -154,6 +161,8 @@ class TrainingRun(RunEnd):
             overrides=self._hydra_overrides(),
         )
         tags = {**self.tracker.standard_tags(self.session_dir), **self.cfg.tracking.tags}
+        if self.team.world.distributed:  # (a launcher relaunches it with as many)
+            tags[WORLD_SIZE_TAG] = self.team.world.size
         self.tracker.set_tags(tags)
         record_inputs(self.tracker, self.cfg, self.fingerprint, self.dataset, not resumed)
         if self.hydra_dir and self.hydra_dir.is_dir():
@@ -174,7 +183,10 @@ class TrainingRun(RunEnd):
         restored, self.restored = self.restored, None
         build.seed_everything(self.cfg.seed, self.cfg.trainer.deterministic)
         device, precision = build.resolve_device(self.cfg.trainer)
-        built = build.build_training(self.cfg, self.source, self.dataset, device, precision)
+        world, group = self.team.world, self.team.group
+        built = build.build_training(
+            self.cfg, self.source, self.dataset, device, precision, world, group
+        )
         trainer = built.trainer
         self.tokenizer = built.tokenizer
         self.evals = Evaluations(
@@ -184,16 +196,7 @@ class TrainingRun(RunEnd):
             "log params", self.tracker.log_params, {"data.too_long_records": built.too_long}
         )
         if restored:
-            state = restore(
-                restored[1],
-                params=dict(trainer.model.named_parameters()),
-                required=set(trainer.params),
-                optimizer=trainer.optimizer,
-                scheduler=trainer.scheduler,
-                scaler=trainer.scaler,
-            )
-            for key, value in state["progress"].items():
-                setattr(trainer.progress, key, value)
+            state = trainer.restore(restored[1])
             self.checkpointer.last_save_step = trainer.progress.step
             self.checkpointer.last_save_seconds = state["last_save_seconds"]
             self.tracker.requeue_metrics(state.get("metrics_unsent", []))
@@ -218,8 +221,29 @@ class TrainingRun(RunEnd):
 
     # -- loop -------------------------------------------------------------------------
     def _guarded(self, stop: StopRequest) -> int:
+        code = EXIT_FAILED
+        try:
+            code = self._train_and_end(stop)
+            return code
+        finally:  # (the other ranks end with this rank's code)
+            self.team.release(code)
+
+    def _start_team(self) -> None:
+        """The other ranks of a torchrun run build from this config and continue from
+        this checkpoint."""
+        if self.team.world.distributed:
+            message = {
+                "cfg": OmegaConf.to_container(self.cfg, resolve=True),
+                "run_id": self.tracker.run_id,
+                "payload": self.restored[1] if self.restored else None,
+                "extend_from": self.extend_from,
+            }
+            self.team.start(message, self.cfg.trainer.distributed_timeout_seconds)
+
+    def _train_and_end(self, stop: StopRequest) -> int:
         monitor = None
         try:
+            self._start_team()
             self._build()
             self.window = StepWindow(self.trainer.progress.step)
             monitor = Monitor(
@@ -248,7 +272,10 @@ class TrainingRun(RunEnd):
             log.error("%s", err)
             self.tracker.log_metrics(err.metrics, self.trainer.progress.step)
             return self._stopped(stop, "failed", "FAILED", 1, reason=str(err))
-        except BaseException:
+        except BaseException as err:
+            if self.team.world.distributed and is_peer_failure(err):
+                log.error("%s", err)
+                return self._stopped(stop, "interrupted", "KILLED", EXIT_PEER_LOST, str(err))
             log.exception("training failed")
             self._stopped(stop, "failed", "FAILED", 1)
             raise
@@ -263,11 +290,16 @@ class TrainingRun(RunEnd):
         if self.evals.missed(p):
             self._evaluate()
         lease = self.tracker.lease
+        self.trainer.stopping = lambda: stop.requested  # (told to the other ranks)
         # (a sweep's pruner may end the run early: it then completes at this step)
         while p.step < t.max_steps and not stop.requested and not self.evals.pruned:
             if lease.fenced:
                 raise Fenced(lease.reason)
+            self.team.step()
             metrics = self.trainer.train_step()
+            self.team.step_done()
+            if self.trainer.parallel is not None and self.trainer.parallel.peers_stopping:
+                stop.request(signal.SIGTERM, "another rank of the run was asked to stop")
             # (floats the step has synced already: the progress log's mean costs no sync)
             self.window.add(p.step, metrics)
             metrics.update(self.pending_metrics)
@@ -313,6 +345,7 @@ class TrainingRun(RunEnd):
             "base_model": self.source.describe(),
             "torch": torch.__version__,
             "metrics_unsent": self.tracker.unsent_metrics(),
+            "world_size": self.team.world.size,
         }
         params = (
             dict(tr.model.named_parameters()) if self.cfg.checkpoint.save_full_model else tr.params
@@ -325,6 +358,7 @@ class TrainingRun(RunEnd):
             rng=tr.rng_at_boundary(),
             state=state,
             buffers=self.host_buffers,
+            peer_rngs=self.team.rng_of_peers(tr.rng_at_boundary()),
         )
         self.checkpointer.last_capture_seconds = time.perf_counter() - captured
         self.checkpointer.last_save_seconds = tr.progress.train_seconds

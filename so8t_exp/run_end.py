@@ -27,6 +27,7 @@ class RunEnd:
             self._save("final", wait=True)
             if not self.checkpointer.has_valid("final", tr.progress.step):
                 raise RuntimeError("the final checkpoint could not be written (disk full?)")
+        self.team.release(0)  # (the other ranks have nothing left to do)
         if not self.checkpointer.drain_mirror(self.cfg.checkpoint.mirror_timeout_seconds):
             log.warning("the final checkpoint is not in MLflow yet (tracking server down?)")
         folder = export_final(

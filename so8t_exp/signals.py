@@ -45,8 +45,12 @@ def note_pending(signum: int) -> None:
 
 
 class StopRequest:
-    def __init__(self) -> None:
+    def __init__(self, escalate: bool = True) -> None:
+        """``escalate``: a second signal interrupts at once (KeyboardInterrupt); off for
+        the ranks of a torchrun run, where Ctrl-C and torchrun's own SIGTERM arrive
+        together and a rank interrupted mid-step would leave the others in it."""
         self.signum: int | None = None
+        self.escalate = escalate
         self.shielded = False
         self._previous: dict[int, object] = {}
         self._done = threading.Event()
@@ -109,6 +113,8 @@ class StopRequest:
             )
             return
         if self.signum is not None:
+            if not self.escalate:
+                return
             raise KeyboardInterrupt(f"second signal {signal.Signals(signum).name}")
         self.signum = signum
         log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
@@ -148,6 +154,12 @@ class StopRequest:
         if not add:  # (a handler thread may still be returning through it: keep it alive)
             _RETIRED_HANDLERS.append(self._console_handler)
             self._console_handler = None
+
+    def request(self, signum: int, why: str) -> None:
+        """Stop at the next step boundary as if ``signum`` had arrived (``why``: logged)."""
+        if self.signum is None:
+            self.signum = signum
+            log.warning("%s: stopping at the next step boundary", why)
 
     @property
     def requested(self) -> bool:

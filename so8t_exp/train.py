@@ -32,6 +32,9 @@ from so8t_exp.cli_errors import (
 )
 from so8t_exp.config import ConfigError
 from so8t_exp.data import DataError
+from so8t_exp.distributed import team
+from so8t_exp.distributed.launch import refuse_multirun, run_rank
+from so8t_exp.distributed.world import World
 from so8t_exp.lock import SessionLocked
 from so8t_exp.paths import config_dir
 from so8t_exp.run import run_training
@@ -48,6 +51,9 @@ __all__ = ["EXIT_BAD_INPUT", "EXIT_LOCKED", "main", "run_in_process"]
 @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")
 def _app(cfg: DictConfig) -> int:
     hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN and team.current().world.distributed:
+        refuse_multirun()
+        sys.exit(EXIT_BAD_INPUT)
     session_dir = Path(hc.runtime.output_dir)
     set_startup_timeout(cfg.tracking.startup_timeout_seconds)
     try:
@@ -94,8 +100,16 @@ def _run_lost(err: RunNotFound, session_dir: Path) -> str:
 
 
 def main() -> None:
-    """``python -m so8t_exp.train``: Hydra's config errors exit 2 with one line."""
+    """``python -m so8t_exp.train``: Hydra's config errors exit 2 with one line. Under
+    ``torchrun`` rank 0 runs this app and the other ranks follow it."""
+    world = World.from_env()
+    if world.distributed:
+        sys.exit(run_rank(world, _hydra_app))
     trial_link.watch_sweeper()  # (a parallel sweep's trial: stop when its sweeper is gone)
+    _hydra_app()
+
+
+def _hydra_app() -> None:
     with hydra_config_errors():
         _app()
 

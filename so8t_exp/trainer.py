@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from so8t_exp import objective, so8t
-from so8t_exp.checkpoint import RNGState
+from so8t_exp.checkpoint import RNGState, restore
 from so8t_exp.data import FOUR_CLASS_LABELS, BatchPlan
 from so8t_exp.safety_head import ATTRIBUTE
 
@@ -102,6 +102,10 @@ class Trainer:
         self.autocast = amp_context(device, precision)
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.progress = progress or Progress()
+        # Several ranks (torchrun): the gradient exchange, set by the builder; and whether
+        # this rank has been asked to stop (told to the others with the step's sums).
+        self.parallel = None
+        self.stopping: Callable[[], bool] = lambda: False
         self.boundary_rng: RNGState | None = None  # RNGs at the start of the current step
         self.in_step = False  # True from the start of a step until it is complete
         self.applying = False  # True while an optimizer update is half-applied
@@ -145,16 +149,12 @@ class Trainer:
         micro = self.plan.micro_batches(step)
         counts = objective.Counts.of(micro)
         tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        head_weight = self.cfg.model.safety_head.loss_weight
-        sums = torch.zeros(3, device=self.device)
-        for batch in micro:
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            out = objective.forward(self.model, self.adapters, self.head, batch, self.autocast)
-            if step + 1 in self._nan_at:
-                out.lm_sum = out.lm_sum * float("nan")
-            loss = out.loss(counts, sched["train/pet_weight"], head_weight)
-            self.scaler.scale(loss).backward()
-            sums += out.sums()
+        par = self.parallel
+        if par is not None:  # (each rank divides by the whole batch's counts)
+            counts, tokens = par.global_counts(counts, tokens)
+        sums = self._forward_backward(step, micro, counts, sched["train/pet_weight"])
+        if par is not None:
+            sums = par.reduce(sums, self.stopping())
         lr = self.scheduler.get_last_lr()[0]
         self.applying = True
         self.scaler.unscale_(self.optimizer)
@@ -191,6 +191,30 @@ class Trainer:
             metrics["train/skipped_steps"] = self.progress.skipped_steps
         return metrics
 
+    def _forward_backward(
+        self, step: int, micro: list[dict], counts: objective.Counts, pet_weight: float
+    ) -> torch.Tensor:
+        """Forward and backward every micro-batch of the step; their summed losses."""
+        head_weight, par = self.cfg.model.safety_head.loss_weight, self.parallel
+        # (DDP averages the ranks' gradients: times their number, the sum is the batch's)
+        scale = par.size if par is not None else 1
+        sums = torch.zeros(3, device=self.device)
+        for i, batch in enumerate(micro):
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            with par.sync(last=i == len(micro) - 1) if par else contextlib.nullcontext():
+                if par is not None:
+                    out = par.forward(batch)
+                else:
+                    out = objective.forward(
+                        self.model, self.adapters, self.head, batch, self.autocast
+                    )
+                if step + 1 in self._nan_at:
+                    out.lm_sum = out.lm_sum * float("nan")
+                loss = out.loss(counts, pet_weight, head_weight)
+                self.scaler.scale(loss * scale if scale != 1 else loss).backward()
+            sums += out.sums()
+        return sums
+
     def _check_streak(self, step: int, loss: float, grad_norm: float, metrics: dict) -> None:
         p, limit = self.progress, self.cfg.trainer.max_bad_steps
         log.warning(
@@ -209,6 +233,22 @@ class Trainer:
                 "or use precision=fp32/bf16 instead of fp16",
                 metrics,
             )
+
+    def restore(self, payload, rank: int = 0) -> dict:
+        """Put a checkpoint into this trainer (with the RNG states of ``rank``); returns
+        its state doc."""
+        state = restore(
+            payload,
+            params=dict(self.model.named_parameters()),
+            required=set(self.params),
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            rank=rank,
+        )
+        for key, value in state["progress"].items():
+            setattr(self.progress, key, value)
+        return state
 
     def rng_at_boundary(self) -> RNGState:
         """RNG states as they were at the last completed step boundary."""

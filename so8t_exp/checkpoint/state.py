@@ -112,14 +112,16 @@ def capture(
     rng: RNGState,
     state: dict,
     buffers: HostBuffers | None = None,
+    peer_rngs: dict[int, RNGState] | None = None,
 ) -> Payload:
     """Snapshot into host memory (the training thread's only share of a save); with
-    ``buffers``, into the same memory as the previous snapshot."""
+    ``buffers``, into the same memory as the previous snapshot. ``peer_rngs``: the RNG
+    states of the other ranks of a multi-process run (rank 0's is ``rng``)."""
     buffers = buffers or HostBuffers()
     opt_tensors, opt_doc = optimizer_payload(optimizer, buffers)
     rng_tensors, rng_doc = rng.to_payload()
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    return Payload(
+    payload = Payload(
         tensors={
             "weights": {name: buffers.copy(f"weights/{name}", p) for name, p in params.items()},
             "optimizer": opt_tensors,
@@ -133,6 +135,15 @@ def capture(
             "scaler": scaler.state_dict(),
         },
     )
+    for rank, peer in (peer_rngs or {}).items():
+        group = rng_group(rank)
+        payload.tensors[group], payload.docs[group] = peer.to_payload()
+    return payload
+
+
+def rng_group(rank: int) -> str:
+    """The payload group (tensors and doc) of one rank's RNG states."""
+    return "rng" if rank == 0 else f"rng-rank{rank}"
 
 
 def restore(
@@ -143,8 +154,10 @@ def restore(
     optimizer,
     scheduler,
     scaler,
+    rank: int = 0,
 ) -> dict:
-    """Load weights, optimizer, schedule, scaler and RNGs; returns the ``state`` doc.
+    """Load weights, optimizer, schedule, scaler and RNGs (those of ``rank``); returns
+    the ``state`` doc.
 
     ``params`` are all the model's parameters; ``required`` (the trainable ones) must be in
     the checkpoint; frozen ones are loaded too when it has them (``save_full_model``).
@@ -163,5 +176,6 @@ def restore(
     scheduler.load_state_dict({**scheduler.state_dict(), **payload.docs["scheduler"]})
     if payload.docs["scaler"]:
         scaler.load_state_dict(payload.docs["scaler"])
-    RNGState.from_payload(payload.tensors["rng"], payload.docs["rng"]).apply()
+    group = rng_group(rank)
+    RNGState.from_payload(payload.tensors[group], payload.docs[group]).apply()
     return payload.docs["state"]

@@ -28,6 +28,9 @@ CLAIM_TIME = "so8t.resume.claim_time"
 CLAIM_BY = "so8t.resume.claim_by"
 
 
+WORLD_SIZE_TAG = "so8t.world_size"  # set by a run of several processes
+
+
 @dataclass
 class RunRecord:
     run_id: str
@@ -48,6 +51,11 @@ class RunRecord:
     def is_sweep_parent(self) -> bool:
         """A multirun's parent run: no session of its own, never resumed or listed."""
         return is_parent(self.tags)
+
+    @property
+    def world_size(self) -> int:
+        """How many processes (torchrun) the run trains with."""
+        return int(self.tag_float(WORLD_SIZE_TAG, 1.0))
 
     @property
     def session_dir(self) -> Path | None:
