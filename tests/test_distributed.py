@@ -160,3 +160,47 @@ def test_killed_ranks_resume_bitwise_equal(tmp_path, baseline):
     assert [s for s, _ in loss] == list(range(1, STEPS + 1)), "a step missing or logged twice"
     assert loss == baseline["loss"]
     assert session_info(run_dir)["status"] == "completed"
+
+
+def test_a_stuck_rank_times_out_and_a_stop_reaches_every_rank(tmp_path, baseline):
+    store, run_dir = sqlite_uri(tmp_path / "mlflow.db"), tmp_path / "run"
+    env = subprocess_env(tmp_path, SO8T_FAULT_STEP_SECONDS="0.15")
+    timeout = "trainer.distributed_timeout_seconds=3"  # (not part of the fingerprint)
+    # 1. Rank 1 stops answering (SIGSTOP: torchrun sees nothing wrong): rank 0 gives up
+    # after the timeout with a clear message instead of waiting forever.
+    proc = torchrun(tmp_path, store, run_dir, timeout, env=env)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 4, proc=proc, what="step 4")
+    rank0, rank1 = rank_pid(proc, 0), rank_pid(proc, 1)
+    os.kill(rank1, signal.SIGSTOP)
+    wait_for(lambda: not Path(f"/proc/{rank0}").exists() or _zombie(rank0), timeout=60)
+    os.kill(rank1, signal.SIGKILL)  # (what torchrun does to the rest once one has failed)
+    assert proc.wait(120) != 0
+    log = "".join(p.read_text() for p in tmp_path.glob("torchrun.*.log"))
+    assert "gone or stuck" in log
+    # 2. SIGTERM to torchrun (systemd stop, Ctrl-C): every rank stops at the same step,
+    # rank 0 writes an emergency checkpoint with both ranks' RNG states.
+    proc = torchrun(tmp_path, store, run_dir, env=env)
+    wait_for(lambda: session_info(run_dir).get("current_step", 0) >= 9, proc=proc, what="step 9")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(120) != 0
+    _client, run = only_run(store)
+    assert run.info.status == "KILLED"
+    emergency = [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("emerg")]
+    assert len(emergency) == 1 and verify(emergency[0]) is None
+    assert (emergency[0] / "rng-rank1.safetensors").is_file()
+    # 3. Continued from it: the same run as the uninterrupted one.
+    proc = torchrun(tmp_path, store, run_dir)
+    assert proc.wait(300) == 0
+    ours, ref = final(run_dir), final(baseline["dir"])
+    for group in GROUPS:
+        for key, tensor in ref[group].items():
+            assert torch.equal(ours[group][key], tensor), f"{group}/{key} differs"
+    client, run = only_run(store)
+    assert history(client, run.info.run_id, "train/loss") == baseline["loss"]
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
