@@ -26,7 +26,6 @@ import torch
 from transformers import Phi3Config, Phi3ForCausalLM
 
 from so8t_exp.checkpoint import Checkpointer, RNGState, capture
-from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.config import CheckpointConfig
 
 
@@ -63,9 +62,6 @@ def sync_save(model, opt, path: Path) -> float:
     return time.perf_counter() - started
 
 
-_BUFFERS = HostBuffers()  # as in the trainer: one set of host buffers for every save
-
-
 def blocked_save(ckpt: Checkpointer, model, opt, sched, step: int) -> float:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     started = time.perf_counter()
@@ -74,7 +70,7 @@ def blocked_save(ckpt: Checkpointer, model, opt, sched, step: int) -> float:
         optimizer=opt,
         scheduler=sched,
         scaler=scaler,
-        buffers=_BUFFERS,
+        buffers=ckpt.buffers,  # (as in the trainer: one arena reused by every save)
         rng=RNGState.now(),
         state={"progress": {"step": step}},
     )
@@ -105,6 +101,7 @@ def main() -> None:
         for i in range(args.repeats):  # interleaved, so drift hits both alike
             sync.append(sync_save(model, opt, root / f"sync-{i}.pt"))
             blocked.append(blocked_save(ckpt, model, opt, sched, i + 1))
+        ckpt.close()
     sync_med, blocked_med = statistics.median(sync), statistics.median(blocked)
     ratio = blocked_med / sync_med
     print(f"model parameters           {n_params / 1e6:8.1f} M (full fine-tuning state)")

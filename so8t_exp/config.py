@@ -143,6 +143,9 @@ class CheckpointConfig:
     mirror_timeout_seconds: float = 300.0  # at the end, wait this long for the upload
     best_metric: str | None = "eval/loss"  # kept as best-stepN; None: no best checkpoint
     best_mode: str = "min"  # min | max
+    # process: a writer process fed through shared memory (off the training thread's GIL);
+    # thread: a thread of the training process
+    writer: str = "process"
 
 
 @dataclass
@@ -244,6 +247,7 @@ _CHOICES = {
     "trainer.scheduler.name": {"cosine", "linear", "constant"},
     "trainer.precision": {"auto", "fp32", "bf16", "fp16"},
     "checkpoint.best_mode": {"min", "max"},
+    "checkpoint.writer": {"process", "thread"},
 }
 
 

@@ -20,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from so8t_exp import build, data
 from so8t_exp.checkpoint import Checkpointer, capture
-from so8t_exp.checkpoint.state import HostBuffers
 from so8t_exp.cli_errors import EXIT_FAILED, EXIT_PEER_LOST
 from so8t_exp.config import validate
 from so8t_exp.continuation import continuation, known_run
@@ -71,7 +70,6 @@ class TrainingRun(RunEnd):
         self.cfg, self.session_dir, self.hydra_dir = cfg, session_dir, hydra_dir
         self.session = Session(session_dir)
         self.pending_metrics: dict[str, float] = {}
-        self.host_buffers = HostBuffers()
         self.notify = build.build_notifiers(cfg)
         self.source = build.build_source(cfg)
         self.heartbeat = None
@@ -92,6 +90,8 @@ class TrainingRun(RunEnd):
             log.error("%s", err)
             return EXIT_FENCED
         finally:
+            if getattr(self, "checkpointer", None) is not None:  # (its writer is done first)
+                self.checkpointer.close()
             if self.heartbeat is not None:
                 self.heartbeat.stop()
             lock.release()
@@ -357,7 +357,7 @@ class TrainingRun(RunEnd):
             scaler=tr.scaler,
             rng=tr.rng_at_boundary(),
             state=state,
-            buffers=self.host_buffers,
+            buffers=self.checkpointer.buffers,
             peer_rngs=self.team.rng_of_peers(tr.rng_at_boundary()),
         )
         self.checkpointer.last_capture_seconds = time.perf_counter() - captured

@@ -11,20 +11,23 @@ crash cut short, so at any point one complete copy exists and is found.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
+import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load, save_file
+from typing import TYPE_CHECKING, Any
 
 from so8t_exp import fsutil
 from so8t_exp.fsutil import atomic_write_json, file_sha256, fsync_dir
+
+if TYPE_CHECKING:  # (torch is imported where tensors are handled: the writer process
+    import torch  # imports this module and needs none of it)
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +45,39 @@ _ASIDE = re.compile(rf"^{_CKPT}{re.escape(fsutil.ASIDE_MARK)}[\w-]+$")
 
 @dataclass
 class Payload:
-    """What one checkpoint holds: tensor groups (one safetensors file each) and JSON docs."""
+    """What one checkpoint holds: tensor groups (one safetensors file each) and JSON docs.
+    ``shared``: where its tensors lie in a shared-memory arena (:mod:`.arena`), when they
+    were captured into one; the writer process reads them from there."""
 
     tensors: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     docs: dict[str, Any] = field(default_factory=dict)
+    shared: Any = None
+
+
+# One tensor as the safetensors file holds it: name, dtype code, shape, raw bytes.
+Entry = tuple[str, str, list[int], memoryview]
+# torch dtype name -> safetensors dtype code
+DTYPE_CODES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint64": "U64",
+    "uint32": "U32",
+    "uint16": "U16",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+def dtype_code(dtype: torch.dtype) -> str:
+    return DTYPE_CODES[str(dtype).removeprefix("torch.")]
 
 
 def checkpoint_name(kind: str, step: int) -> str:
@@ -59,9 +91,46 @@ def parse_name(name: str) -> tuple[str, int] | None:
     return (m.group(1), int(m.group(2))) if m else None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as fh:
+def _write_chunks(path: Path, chunks: Iterable[bytes | memoryview]) -> str:
+    """Write ``chunks`` to ``path`` and fsync it; the sha256 of what was written (computed
+    on the way, so the file is not read back)."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as fh:
+        for chunk in chunks:
+            fh.write(chunk)
+            digest.update(chunk)
+        fh.flush()
         os.fsync(fh.fileno())
+    return digest.hexdigest()
+
+
+def write_safetensors(path: Path, entries: list[Entry]) -> str:
+    """A safetensors file of ``entries`` (the format ``safetensors.torch.load`` reads:
+    little-endian header length, JSON header padded to 8 bytes, the tensors' bytes back to
+    back); its sha256. Written from raw bytes, so the writer process needs no torch."""
+    header, offset = {}, 0
+    for name, dtype, shape, data in entries:
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [offset, offset + data.nbytes],
+        }
+        offset += data.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return _write_chunks(path, [struct.pack("<Q", len(raw)), raw, *(e[3] for e in entries)])
+
+
+def tensor_entries(tensors: dict[str, torch.Tensor]) -> list[Entry]:
+    """``tensors`` as safetensors entries (CPU, contiguous; views of their memory)."""
+    import torch
+
+    out = []
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).view(torch.uint8).numpy()
+        out.append((name, dtype_code(t.dtype), list(t.shape), memoryview(raw).cast("B")))
+    return out
 
 
 def write(root: Path, name: str, payload: Payload, pause_after_first_file: float = 0.0) -> Path:
@@ -69,30 +138,38 @@ def write(root: Path, name: str, payload: Payload, pause_after_first_file: float
 
     ``pause_after_first_file`` exists for fault injection (a kill in mid-write).
     """
+    groups = {g: tensor_entries(t) for g, t in payload.tensors.items()}
+    return write_files(root, name, groups, payload.docs, pause_after_first_file)
+
+
+def write_files(
+    root: Path,
+    name: str,
+    groups: dict[str, list[Entry]],
+    docs: dict[str, Any],
+    pause_after_first_file: float = 0.0,
+) -> Path:
+    """Write checkpoint ``root/name`` from tensor groups given as raw entries and JSON
+    docs: staged, each file fsynced, the manifest last, renamed into place."""
     final = root / name
     tmp = staging_folder(root, name)
     fsutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     files = {}
-    for group, tensors in payload.tensors.items():
+    for group, entries in groups.items():
         path = tmp / f"{group}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
-        files[path.name] = path
+        files[path.name] = (path, write_safetensors(path, entries))
         if pause_after_first_file:
             time.sleep(pause_after_first_file)
             pause_after_first_file = 0.0
-    for doc, obj in payload.docs.items():
+    for doc, obj in docs.items():
         path = tmp / f"{doc}.json"
-        path.write_text(json.dumps(obj, ensure_ascii=False), encoding="utf-8")
-        files[path.name] = path
-    for path in files.values():
-        _fsync_file(path)
+        text = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        files[path.name] = (path, _write_chunks(path, [text]))
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
-        "files": {
-            n: {"sha256": file_sha256(p), "bytes": p.stat().st_size} for n, p in files.items()
-        },
+        "files": {n: {"sha256": sha, "bytes": p.stat().st_size} for n, (p, sha) in files.items()},
     }
     atomic_write_json(tmp / MANIFEST, manifest)
     fsync_dir(tmp)
@@ -133,6 +210,8 @@ def verify(folder: Path) -> str | None:
 
 def read(folder: Path) -> Payload:
     """Load a verified checkpoint: safetensors and JSON only, nothing unpickled."""
+    from safetensors.torch import load
+
     manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     payload = Payload()
     for fname in manifest["files"]:

@@ -1,8 +1,11 @@
 """When to save, the background writer, and local retention.
 
-The training thread hands over a host-memory :class:`Payload` and goes on; one writer
-thread writes it (checksums in the manifest), prunes old rolling checkpoints, reports it,
-and queues it for the MLflow mirror (:mod:`so8t_exp.checkpoint.mirror`, its own thread).
+The training thread copies the state into host buffers (:meth:`Checkpointer.buffers`: a
+shared-memory arena) and goes on; one writer thread hands the save to the writer process
+(:mod:`so8t_exp.checkpoint.writer_process`), which writes it (checksums in the manifest)
+and prunes old rolling checkpoints, then reports it and queues it for the MLflow mirror
+(:mod:`so8t_exp.checkpoint.mirror`, its own thread). With ``checkpoint.writer=thread``, or
+where no shared memory or process can be had, the writer thread writes it itself.
 Saves never overlap: a rolling save due while the writer is busy waits for the next step;
 emergency and final saves wait for the writer and then for their own write.
 """
@@ -18,7 +21,10 @@ from pathlib import Path
 
 from so8t_exp import fsutil
 from so8t_exp.checkpoint import format as fmt
-from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, superseded
+from so8t_exp.checkpoint.arena import Arena
+from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, prune
+from so8t_exp.checkpoint.state import HostBuffers
+from so8t_exp.checkpoint.writer_process import ProcessWriter, WriterUnavailable
 from so8t_exp.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ class Checkpointer:
         self._write_started: float | None = None  # monotonic start of the write in flight
         # Fault injection for tests: seconds to pause inside each write.
         self._pause = float(os.environ.get("SO8T_FAULT_CHECKPOINT_PAUSE", "0") or 0)
+        self.writer = ProcessWriter() if cfg.writer == "process" else None
+        # Host copies of the state, reused from one save to the next.
+        self.buffers: HostBuffers = Arena() if self.writer is not None else HostBuffers()
 
     # -- when -------------------------------------------------------------------------
     def rolling_due(self, step: int, train_seconds: float) -> bool:
@@ -106,8 +115,12 @@ class Checkpointer:
         return self.mirror.drain(timeout)
 
     def close(self) -> None:
-        """No more saves: let the mirror thread end once its queue is done."""
+        """No more saves: end the writer process, free the arena, let the mirror thread
+        end once its queue is done. Safe to call again."""
         self.drain()
+        if self.writer is not None:
+            self.writer.close()
+        self.buffers.close()
         self.mirror.close()
 
     def save_estimate(self) -> float | None:
@@ -124,9 +137,7 @@ class Checkpointer:
     def _write(self, name: str, kind: str, step: int, payload: fmt.Payload) -> None:
         self._write_started = started = time.monotonic()
         try:
-            fmt.write(self.root, name, payload, self._pause)
-            for doomed in superseded(self.local_names(), self.cfg.keep):
-                fsutil.rmtree(self.root / doomed, ignore_errors=True)
+            self._write_files(name, payload)
             self.last_write_seconds = time.monotonic() - started
             self.on_saved(name, step, kind)
             self.mirror.submit(name, step)
@@ -137,6 +148,17 @@ class Checkpointer:
         finally:
             self._write_started = None
             self._idle.set()
+
+    def _write_files(self, name: str, payload: fmt.Payload) -> None:
+        if payload.shared is not None and self.writer is not None:
+            try:
+                args = (payload.shared, payload.docs, self.cfg.keep, self._pause)
+                return self.writer.write(self.root, name, *args)
+            except WriterUnavailable as err:  # (the payload's tensors are plain ones too)
+                log.warning("%s; checkpoints are written by a thread from now on", err)
+                self.writer = None
+        fmt.write(self.root, name, payload, self._pause)
+        prune(self.root, self.cfg.keep)
 
     def has_valid(self, kind: str, step: int) -> bool:
         folder = self.root / fmt.checkpoint_name(kind, step)

@@ -41,6 +41,14 @@ def superseded(names: list[str], keep: int) -> list[str]:
     return doomed
 
 
+def prune(root: Path, keep: int) -> None:
+    """Local retention: delete the checkpoint folders under ``root`` that ``superseded``
+    names (the newest ``keep`` rolling ones and the newest best one stay)."""
+    names = [p.name for _s, _k, p in fmt.candidates(root)]
+    for doomed in superseded(names, keep):
+        fsutil.rmtree(root / doomed, ignore_errors=True)
+
+
 class Mirror:
     def __init__(
         self,

@@ -79,17 +79,24 @@ class HostBuffers:
             buf = self._buffers[key] = torch.empty(t.shape, dtype=t.dtype, device="cpu")
         return buf.copy_(t)
 
+    def fill(self, groups: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, dict | None]:
+        """Copies of every group's tensors, and where they lie in shared memory (None:
+        ordinary host memory; see :class:`so8t_exp.checkpoint.arena.Arena`)."""
+        out = {g: {n: self.copy(f"{g}/{n}", t) for n, t in ts.items()} for g, ts in groups.items()}
+        return out, None
 
-def optimizer_payload(
-    optimizer: torch.optim.Optimizer, buffers: HostBuffers | None = None
-) -> tuple[dict, dict]:
-    buffers = buffers or HostBuffers()
+    def close(self) -> None:
+        """Nothing to free (the arena's subclass frees its shared memory)."""
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The optimizer's state tensors (live, not copied) and the rest of it as a JSON doc."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in sd["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{idx}/{key}"] = buffers.copy(f"optimizer/{idx}/{key}", value)
+                tensors[f"{idx}/{key}"] = value
             else:
                 scalars[f"{idx}/{key}"] = value
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -118,27 +125,22 @@ def capture(
     ``buffers``, into the same memory as the previous snapshot. ``peer_rngs``: the RNG
     states of the other ranks of a multi-process run (rank 0's is ``rng``)."""
     buffers = buffers or HostBuffers()
-    opt_tensors, opt_doc = optimizer_payload(optimizer, buffers)
+    opt_tensors, opt_doc = optimizer_tensors(optimizer)
     rng_tensors, rng_doc = rng.to_payload()
     sched = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-    payload = Payload(
-        tensors={
-            "weights": {name: buffers.copy(f"weights/{name}", p) for name, p in params.items()},
-            "optimizer": opt_tensors,
-            "rng": rng_tensors,
-        },
-        docs={
-            "state": state,
-            "optimizer": opt_doc,
-            "rng": rng_doc,
-            "scheduler": sched,
-            "scaler": scaler.state_dict(),
-        },
-    )
+    groups = {"weights": params, "optimizer": opt_tensors, "rng": rng_tensors}
+    docs = {
+        "state": state,
+        "optimizer": opt_doc,
+        "rng": rng_doc,
+        "scheduler": sched,
+        "scaler": scaler.state_dict(),
+    }
     for rank, peer in (peer_rngs or {}).items():
         group = rng_group(rank)
-        payload.tensors[group], payload.docs[group] = peer.to_payload()
-    return payload
+        groups[group], docs[group] = peer.to_payload()
+    tensors, shared = buffers.fill(groups)
+    return Payload(tensors=tensors, docs=docs, shared=shared)
 
 
 def rng_group(rank: int) -> str:

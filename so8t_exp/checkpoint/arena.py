@@ -1,0 +1,141 @@
+"""Host buffers in shared memory: the training thread copies a checkpoint's tensors into
+one arena that the writer process (:mod:`.writer_process`) maps as well, so the bytes
+reach it without a pickle or a second copy, and its work never takes this interpreter's
+lock.
+
+One arena serves every save while the layout (names, dtypes, shapes) stays the same;
+saves never overlap (the checkpointer drains before the next capture), so reusing it is
+safe. Where shared memory is short (a container's 64 MB ``/dev/shm``) the copies are
+plain host tensors and the checkpoint is written by a thread, as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from multiprocessing import shared_memory
+
+import torch
+
+from so8t_exp.checkpoint.format import dtype_code
+from so8t_exp.checkpoint.state import HostBuffers
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64  # bytes: every tensor starts on a cache line
+# Shared memory left free for the rest of the machine, on top of the arena itself.
+_HEADROOM = 0.10
+
+
+@dataclass(frozen=True)
+class Slot:
+    group: str
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def layout(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[list[Slot], int]:
+    """Where each tensor goes in the arena, and its size in bytes."""
+    slots, offset = [], 0
+    for group, tensors in groups.items():
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            slots.append(Slot(group, name, t.dtype, tuple(t.shape), offset, nbytes))
+            offset += -(-nbytes // ALIGN) * ALIGN
+    return slots, max(offset, 1)
+
+
+def shm_room(nbytes: int) -> bool:
+    """Whether ``nbytes`` of shared memory can be had without filling it (Linux keeps it in
+    ``/dev/shm``; a full one would end the process with SIGBUS, not an error)."""
+    if not os.path.isdir("/dev/shm") or not hasattr(os, "statvfs"):
+        return True  # (Windows: the paging file; macOS: no such mount)
+    st = os.statvfs("/dev/shm")
+    return st.f_bavail * st.f_frsize >= nbytes * (1 + _HEADROOM)
+
+
+class Arena(HostBuffers):
+    """:class:`HostBuffers` whose copies live in one shared-memory block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shm: shared_memory.SharedMemory | None = None
+        self._slots: list[Slot] = []
+        self._views: dict[tuple[str, str], torch.Tensor] = {}
+        self._short_warned = False
+
+    def fill(self, groups: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, dict | None]:
+        slots, size = layout(groups)
+        if not self._ensure(slots, size):
+            return super().fill(groups)
+        out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
+        for slot in slots:
+            view = self._views[(slot.group, slot.name)]
+            out[slot.group][slot.name] = view.copy_(groups[slot.group][slot.name].detach())
+        return out, self.describe()
+
+    def describe(self) -> dict:
+        """What the writer process needs to find each tensor (JSON)."""
+        assert self._shm is not None
+        groups: dict[str, list] = {}
+        for s in self._slots:
+            entry = [s.name, dtype_code(s.dtype), list(s.shape), s.offset, s.nbytes]
+            groups.setdefault(s.group, []).append(entry)
+        return {"arena": self._shm.name, "size": self._shm.size, "groups": groups}
+
+    def _ensure(self, slots: list[Slot], size: int) -> bool:
+        """The arena laid out for ``slots``: the current one, or a new one (False: no
+        shared memory to be had; the caller copies into plain buffers)."""
+        if self._shm is not None and [_key(s) for s in slots] == [_key(s) for s in self._slots]:
+            return True
+        self.close()
+        if not shm_room(size):
+            if not self._short_warned:
+                log.warning(
+                    "checkpoints: %.0f MB of shared memory not free; writing from a thread "
+                    "of the training process instead",
+                    size / 2**20,
+                )
+                self._short_warned = True
+            return False
+        try:
+            self._shm = shared_memory.SharedMemory(
+                name=f"so8t-{os.getpid()}-{secrets.token_hex(4)}", create=True, size=size
+            )
+        except OSError as err:
+            log.warning("checkpoints: no shared memory (%s); writing from a thread", err)
+            return False
+        self._slots = slots
+        for s in slots:
+            self._views[(s.group, s.name)] = _view(self._shm, s)
+        return True
+
+    def close(self) -> None:
+        """Free the arena (after the last write that reads it)."""
+        shm, self._shm = self._shm, None
+        self._views.clear()
+        self._slots = []
+        if shm is None:
+            return
+        # (BufferError: a payload still refers to it; the mapping goes with that payload)
+        with contextlib.suppress(BufferError):
+            shm.close()
+        with contextlib.suppress(OSError):
+            shm.unlink()
+
+
+def _key(s: Slot) -> tuple:
+    return (s.group, s.name, s.dtype, s.shape)
+
+
+def _view(shm: shared_memory.SharedMemory, s: Slot) -> torch.Tensor:
+    if s.nbytes == 0:  # (frombuffer refuses an empty count)
+        return torch.empty(s.shape, dtype=s.dtype)
+    raw = torch.frombuffer(shm.buf, dtype=torch.uint8, count=s.nbytes, offset=s.offset)
+    return raw.view(s.dtype).view(s.shape)
