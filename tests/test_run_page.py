@@ -132,6 +132,7 @@ def test_epoch_tags_have_iso_twins(tmp_path: Path, store: str):
     tracker.start("so8t", "t")
     tracker.heartbeat(4)
     tracker.checkpoint_mirrored("rolling-step00000004", 4)
+    tracker.metrics.flush()  # (checkpoint tags ride along with the next metric batch)
     registry = RunRegistry(store)
     assert registry.claim(tracker.run_id, "h:1:me", 0)
     tags = MlflowClient(store).get_run(tracker.run_id).data.tags

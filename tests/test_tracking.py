@@ -45,21 +45,28 @@ def test_flatten_and_mask_secrets():
 
 def test_metric_buffer_drops_steps_already_logged_and_retries_failures():
     sent: list[Metric] = []
+    sent_tags: list[dict] = []
     failures = iter([True, False, False, False, False])
     lock = threading.Lock()
 
-    def send(batch):
+    def send(batch, tags):
         with lock:
             if next(failures, False):
                 raise ConnectionError("server down")
             sent.extend(batch)
+            sent_tags.append(dict(tags))
 
     buf = MetricBuffer(send, interval=3600, logged_steps={"train/loss": 5})
     buf.add({"train/loss": 1.0, "eval/loss": 2.0}, step=5)  # loss step 5 already logged
     buf.add({"train/loss": 0.9}, step=6)
     buf.add({"train/loss": 0.8}, step=6)  # same step twice: kept once
-    assert buf.flush() is False and sent == []  # outage: nothing lost
+    buf.add_tags({"so8t.checkpoint.latest_step": 4})
+    assert buf.flush() is False and sent == []  # outage: nothing lost, tags neither
+    buf.add_tags({"so8t.checkpoint.latest_step": 8, "skipped": None})  # newer value wins
     assert buf.flush() is True
+    assert sent_tags == [{"so8t.checkpoint.latest_step": "8"}]  # with the batch, once
+    buf.add_tags({"so8t.checkpoint.latest": "x"})
+    assert buf.flush() is True and sent_tags[-1] == {"so8t.checkpoint.latest": "x"}
     buf.close()
     assert sorted((m.key, m.step, m.value) for m in sent) == [
         ("eval/loss", 5, 2.0),

@@ -169,7 +169,7 @@ class Tracker:
             return False
         return self.safely(what, fn, *args, **kwargs)
 
-    def _send_metrics(self, batch: list) -> None:
+    def _send_metrics(self, batch: list, tags: Mapping[str, str]) -> None:
         if not self.may_write():  # (the buffer keeps the points until the lease is back)
             fenced = self.lease.fenced
             raise RuntimeError(
@@ -177,7 +177,9 @@ class Tracker:
                 if fenced
                 else "lease not confirmed (tracking server unreachable?)"
             )
-        self.client.log_batch(self.run_id, metrics=batch)
+        self.client.log_batch(
+            self.run_id, metrics=batch, tags=[RunTag(k, v) for k, v in tags.items()]
+        )
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if not self.may_write():
@@ -220,16 +222,20 @@ class Tracker:
         return int(float(run.data.tags.get("so8t.checkpoint.latest_step", 0) or 0))
 
     def checkpoint_mirrored(self, name: str, step: int) -> None:
-        """The newest checkpoint in MLflow, as tags (raw epoch for launchers, ISO for people)."""
+        """The newest checkpoint in MLflow, as tags (raw epoch for launchers, ISO for people),
+        sent with the next metric batch (within ``tracking.flush_interval_seconds``; the
+        run's end flushes them): the checkpoint listing itself is what resuming trusts."""
         now = time.time()
-        self.set_tags(
-            {
-                "so8t.checkpoint.latest": name,
-                "so8t.checkpoint.latest_step": step,
-                "so8t.checkpoint.latest_time": f"{now:.3f}",
-                "so8t.checkpoint.latest_time_iso": iso(now),
-            }
-        )
+        tags = {
+            "so8t.checkpoint.latest": name,
+            "so8t.checkpoint.latest_step": step,
+            "so8t.checkpoint.latest_time": f"{now:.3f}",
+            "so8t.checkpoint.latest_time_iso": iso(now),
+        }
+        if self.metrics is not None:
+            self.metrics.add_tags(tags)
+        else:
+            self.set_tags(tags)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         if self.metrics is not None:

@@ -67,11 +67,14 @@ class MetricBuffer:
 
     A point whose step is not above the last step already logged for its key is dropped:
     after a resume, recomputed steps are not logged twice. Points survive send failures.
+    Tags that need not reach the store at once (:meth:`add_tags`) ride along with the next
+    batch: one MLflow call instead of two, and MLflow's Python work is what the training
+    thread waits for (the GIL).
     """
 
     def __init__(
         self,
-        send: Callable[[list[Metric]], None],
+        send: Callable[[list[Metric], dict[str, str]], None],
         interval: float,
         logged_steps: dict[str, int] | None = None,
     ) -> None:
@@ -79,6 +82,7 @@ class MetricBuffer:
         self._last = dict(logged_steps or {})
         self._pending: list[Metric] = []
         self._inflight: list[Metric] = []
+        self._tags: dict[str, str] = {}
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
@@ -95,6 +99,11 @@ class MetricBuffer:
                     continue
                 self._last[key] = step
                 self._pending.append(Metric(key, float(value), now, step))
+
+    def add_tags(self, tags: Mapping[str, object]) -> None:
+        """Tags sent with the next batch (a later value of a key replaces an earlier one)."""
+        with self._lock:
+            self._tags.update({k: str(v) for k, v in tags.items() if v is not None})
 
     def unsent(self) -> list[list]:
         """Points not yet confirmed by the store (in flight or pending), as JSON-able rows
@@ -119,15 +128,18 @@ class MetricBuffer:
         with self._flush_lock:
             with self._lock:
                 self._inflight, self._pending = self._pending, []
+                tags, self._tags = self._tags, {}
             try:
-                while self._inflight:
+                while self._inflight or tags:
                     chunk = self._inflight[:_MAX_BATCH]
-                    self._send(chunk)
+                    self._send(chunk, tags)
+                    tags = {}
                     with self._lock:
                         self._inflight = self._inflight[len(chunk) :]
             except Exception as err:  # an outage must never reach the training thread
                 with self._lock:
                     self._pending, self._inflight = self._inflight + self._pending, []
+                    self._tags = {**tags, **self._tags}  # (newer values win)
                 log.warning(
                     "metric logging failed, %d points kept for retry: %s", len(self._pending), err
                 )
