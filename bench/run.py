@@ -1,7 +1,7 @@
 """so8t_exp benchmark suite: every figure is a ratio against a baseline measured in the same run.
 
-    python bench/run.py            # about 10-15 minutes on 2 CPU cores
-    python bench/run.py --quick    # under 5 minutes: fewer steps and rounds, smaller stall model
+    python bench/run.py            # about 15-20 minutes on 2 CPU cores
+    python bench/run.py --quick    # about 5 minutes: fewer steps and rounds, smaller stall model
     python bench/run.py --threads 0   # overhead loops with torch's default thread count
 
 Prints a table (progress goes to stderr) and ENDS with one JSON line. Keys:
@@ -38,6 +38,16 @@ selection_seconds_1000_runs
     Median seconds for ``Launcher(...).decisions()`` plus picking the first "resume" in a
     sqlite store of 1,000 realistic runs, built once per invocation
     (``launcher_setup_seconds``; ``bench/_launcher_scale.py``).
+ddp_scaling_efficiency
+    Speedup / 2, where speedup = steps/s of ``torchrun --standalone --nproc-per-node=2 -m
+    so8t_exp.train`` (2 gloo ranks, micro-batch B = 4 each, one torch thread each) over
+    steps/s of ``python -m so8t_exp.train`` on the same global batch (micro-batch 2B, the
+    same examples each step, one torch thread): 1.0 = linear scaling over two one-core
+    workers. Steps/s from the MLflow timestamps of rank 0's ``train/loss`` from the end of
+    step 2 to the last step (start-up, process-group join and the final evaluation and save
+    outside the window); median over rotated rounds of the ratio within a round. Beside it,
+    ``ddp_speedup_vs_all_cores``: the same DDP steps/s over one process with two torch
+    threads (every core of a 2-core machine). ``bench/_ddp_scaling.py``.
 
 The other keys give the figures behind the ratios, the rounds run and the CPU load the rest
 of the machine put on it meanwhile (``other_load_cores``): read the ratios against it.
@@ -54,6 +64,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import _ddp_scaling
 import _launcher_scale
 import _overhead
 import _resume
@@ -77,11 +88,12 @@ class Plan:
     total_s: float  # ... and none started that would end past this (from the start)
     selections: int  # launcher selections timed
     threads: int = 1  # torch intra-op threads in the overhead loops (0: torch's default)
+    ddp: tuple[int, int, float] = _ddp_scaling.QUICK  # DDP: steps per run, rounds, budget
 
 
 PLANS = {
     "quick": Plan(20, 3, 4, 110.0, (384, 8), 3, 250.0, 3),
-    "full": Plan(40, 4, 8, 360.0, (768, 12), 5, 1200.0, 5),
+    "full": Plan(40, 4, 8, 360.0, (768, 12), 5, 1200.0, 5, ddp=_ddp_scaling.FULL),
 }
 
 
@@ -156,6 +168,7 @@ def bench_stall(root: Path, plan: Plan, started: float, repeats: int = 3) -> dic
         sync.append(sync_save(model, opt, root / f"sync-{i}.pt"))
         (root / f"sync-{i}.pt").unlink()
         blocked.append(blocked_save(ckpt, model, opt, sched, i + 1))
+    ckpt.close()
     n_params = sum(p.numel() for p in model.parameters())
     del model, opt, sched, ckpt
     gc.collect()
@@ -197,11 +210,18 @@ def bench_resume(root: Path, plan: Plan, started: float) -> dict:
     }
 
 
+def bench_ddp(root: Path, plan: Plan, started: float) -> dict:
+    """6: two gloo ranks vs one process on the same global batch."""
+    steps, rounds, budget_s = plan.ddp
+    return _ddp_scaling.summary(_ddp_scaling.run(root, new_store(root), steps, rounds, budget_s))
+
+
 BENCHMARKS = {  # in running order; the resume rounds fill what is left of the time plan
     "overhead": bench_overhead,
     "stall": bench_stall,
     "launcher": bench_launcher,
     "resume": bench_resume,
+    "ddp": bench_ddp,  # after resume: its rounds do not eat into resume's time plan
 }
 
 
@@ -209,6 +229,7 @@ BENCHMARKS = {  # in running order; the resume rounds fill what is left of the t
 def table(m: dict, r: dict, runtime: float, mode: str) -> str:
     o, s, z, la, load = r["overhead"], r["stall"], r["resume"], r["launcher"], r["load"]
     sps, ms = o["steps_per_sec"], o["median_step_ms"]
+    d = r["ddp"]
 
     def loop(kind: str) -> str:
         return f"{sps[kind]:8.2f} steps/s   (median step {ms[kind]:6.1f} ms)"
@@ -271,13 +292,26 @@ def table(m: dict, r: dict, runtime: float, mode: str) -> str:
             f"{la['first_selection_seconds']:8.3f} s   (MLflow engine set-up included)",
         ),
         ("   selection_seconds_1000_runs", f"{la['selection_seconds']:8.3f} s"),
+        (
+            "6. DDP scaling",
+            f"{d['rounds']} rounds x {d['steps']} steps, global batch {d['global_batch']}; "
+            f"other load {load['ddp']:.2f} cores",
+        ),
+        ("   1 process, 1 thread", f"{d['steps_per_sec']['solo']:8.2f} steps/s"),
+        ("   2 gloo ranks, 1 thread each", f"{d['steps_per_sec']['ddp']:8.2f} steps/s"),
+        ("   1 process, 2 threads", f"{d['steps_per_sec']['solo_all']:8.2f} steps/s"),
+        (
+            "   ddp_scaling_efficiency",
+            f"{d['ddp_scaling_efficiency']:8.3f}   (speedup {d['speedup']:.3f}; "
+            f"vs 1 process on all cores {d['ddp_speedup_vs_all_cores']:.3f})",
+        ),
     ]
     width = max(len(row[0]) for row in rows if row) + 2
     return "\n".join(f"{row[0]:{width}}{row[1]}" if row else "" for row in rows)
 
 
 def result_line(m: dict, r: dict, runtime: float, mode: str) -> dict:
-    o, s, z, la = r["overhead"], r["stall"], r["resume"], r["launcher"]
+    o, s, z, la, d = r["overhead"], r["stall"], r["resume"], r["launcher"], r["ddp"]
     return {
         "overhead_ratio_vs_bare": o["overhead_ratio_vs_bare"],
         "throughput_ratio_vs_hf_trainer": o["throughput_ratio_vs_hf_trainer"],
@@ -285,6 +319,7 @@ def result_line(m: dict, r: dict, runtime: float, mode: str) -> dict:
         "resume_latency_ratio": z["resume_latency_ratio"],
         "logging_overhead_fraction": o["logging_overhead_fraction"],
         "selection_seconds_1000_runs": la["selection_seconds"],
+        "ddp_scaling_efficiency": d["ddp_scaling_efficiency"],
         "launcher_setup_seconds": la["setup_seconds"],
         "steps_per_sec": o["steps_per_sec"],
         "median_step_ms": o["median_step_ms"],
@@ -306,6 +341,18 @@ def result_line(m: dict, r: dict, runtime: float, mode: str) -> dict:
         "resume_launcher_seconds": z["launcher_seconds"],
         "launcher_search_seconds": la["search_seconds"],
         "launcher_first_selection_seconds": la["first_selection_seconds"],
+        "ddp_speedup": d["speedup"],
+        "ddp_speedup_vs_all_cores": d["ddp_speedup_vs_all_cores"],
+        "ddp_steps_per_sec": d["steps_per_sec"],
+        "ddp_per_round": d["per_round"],
+        "ddp_rounds": d["rounds"],
+        "ddp_steps": d["steps"],
+        "ddp_global_batch": d["global_batch"],
+        "ddp_threads": d["threads"],
+        "ddp_max_loss_diff": d["max_loss_diff"],
+        "ddp_tokens_per_step": d["tokens_per_step"],
+        "ddp_efficiency_per_padded_token": d["efficiency_per_padded_token"],
+        "ddp_other_load_cores": d["other_load_cores"],
         "other_load_cores": r["load"],
         "mode": mode,
         "runtime_seconds": runtime,
@@ -315,7 +362,7 @@ def result_line(m: dict, r: dict, runtime: float, mode: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="under 5 minutes")
+    ap.add_argument("--quick", action="store_true", help="about 5 minutes")
     ap.add_argument(
         "--threads",
         type=int,
