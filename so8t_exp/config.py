@@ -154,6 +154,9 @@ class TrackingConfig:
     experiment: str = "so8t"
     run_name: str | None = None
     flush_interval_seconds: float = 2.0
+    # Metric batches sent by a helper process (off the training thread's GIL); false: by a
+    # thread of the trainer.
+    metrics_process: bool = True
     system_stats_interval_seconds: float = 10.0
     # An unreachable store is retried this long at start (a server still booting); 0: once.
     startup_timeout_seconds: float = 120.0

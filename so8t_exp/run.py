@@ -92,12 +92,15 @@ class TrainingRun(RunEnd):
         finally:
             if getattr(self, "checkpointer", None) is not None:  # (its writer is done first)
                 self.checkpointer.close()
+            if getattr(self, "tracker", None) is not None:
+                self.tracker.close_sender()
             if self.heartbeat is not None:
                 self.heartbeat.stop()
             lock.release()
 
     def _attach_and_run(self) -> int:
-        self.tracker = Tracker(self.cfg.tracking.uri, self.cfg.tracking.flush_interval_seconds)
+        t = self.cfg.tracking
+        self.tracker = Tracker(t.uri, t.flush_interval_seconds, metrics_process=t.metrics_process)
         self.page = RunPage(self.tracker, self.cfg.tracking, self.session_dir, self.hydra_dir)
         info = self.session.load()
         run_id = known_run(info, self.tracker, self.cfg.tracking.experiment, self.session_dir)

@@ -135,7 +135,7 @@ def test_a_killed_writer_fails_that_save_and_the_next_one_works(tmp_path):
         os.kill(first, signal.SIGKILL)
         ckpt.drain()
         assert failed and failed[0][0] == "rolling-step00000002"
-        assert "writer process ended" in failed[0][1]
+        assert "writer_main ended" in failed[0][1]
         ckpt._pause = 0.0
         ckpt.save("rolling", 3, payload, wait=True)
         assert ckpt.writer.pid != first

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import threading
 from pathlib import Path
 
@@ -129,3 +131,29 @@ def test_checkpoint_mirror_round_trip(tmp_path: Path, store: str):
     assert tracker.list_checkpoints() == []
     assert not tracker.download_checkpoint("rolling-step00000003", tmp_path / "gone")
     tracker.finish("FINISHED")
+
+
+def test_metric_batches_sent_by_the_sender_process_survive_its_death(store: str):
+    """``metrics_process``: a real helper process makes the ``log_batch`` calls; killed, it
+    costs one flush (the points are kept, sent by the next one, each once)."""
+    tracker = Tracker(store, flush_interval=3600, metrics_process=True)
+    run_id = tracker.start("exp", "sender")
+    tracker.log_metrics({"train/loss": 1.0, "train/lr": float("nan")}, 1)
+    tracker.checkpoint_mirrored("rolling-step00000001", 1)
+    assert tracker.metrics.flush() is True
+    sender = tracker._sender.pid
+    assert sender not in (None, os.getpid())
+    client = MlflowClient(store)
+    assert client.get_run(run_id).data.tags["so8t.checkpoint.latest_step"] == "1"
+    os.kill(sender, signal.SIGKILL)
+    tracker.log_metrics({"train/loss": 0.5}, 2)
+    # The next flush may still find the pipe open: it fails (points kept) or starts anew.
+    if not tracker.metrics.flush():
+        assert tracker.metrics.flush() is True
+    assert tracker._sender.pid != sender
+    tracker.log_metrics({"train/loss": 0.25}, 3)
+    tracker.finish("FINISHED")
+    assert tracker._sender.pid is None  # (ended with the run)
+    loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
+    assert sorted(loss) == [(1, 1.0), (2, 0.5), (3, 0.25)]
+    assert client.get_run(run_id).info.status == "FINISHED"

@@ -24,7 +24,7 @@ from so8t_exp.checkpoint import format as fmt
 from so8t_exp.checkpoint.arena import Arena
 from so8t_exp.checkpoint.mirror import ArtifactStore, Mirror, prune
 from so8t_exp.checkpoint.state import HostBuffers
-from so8t_exp.checkpoint.writer_process import ProcessWriter, WriterUnavailable
+from so8t_exp.checkpoint.writer_process import ProcessWriter, WorkerUnavailable
 from so8t_exp.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class Checkpointer:
             try:
                 args = (payload.shared, payload.docs, self.cfg.keep, self._pause)
                 return self.writer.write(self.root, name, *args)
-            except WriterUnavailable as err:  # (the payload's tensors are plain ones too)
+            except WorkerUnavailable as err:  # (the payload's tensors are plain ones too)
                 log.warning("%s; checkpoints are written by a thread from now on", err)
                 self.writer = None
         fmt.write(self.root, name, payload, self._pause)

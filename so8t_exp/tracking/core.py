@@ -22,6 +22,7 @@ from mlflow.tracking import MlflowClient
 from so8t_exp import fsutil
 from so8t_exp.fsutil import link_or_copy
 from so8t_exp.host import host_id
+from so8t_exp.line_worker import LineWorker, WorkerUnavailable
 from so8t_exp.paths import default_tracking_uri
 from so8t_exp.tracking import mlflow_internals
 from so8t_exp.tracking.describe import git_commit
@@ -74,12 +75,18 @@ class Tracker:
     """One MLflow run: create or re-attach, then log to it by id."""
 
     def __init__(
-        self, uri: str | None, flush_interval: float = 2.0, startup_seconds: float | None = None
+        self,
+        uri: str | None,
+        flush_interval: float = 2.0,
+        startup_seconds: float | None = None,
+        metrics_process: bool = False,
     ) -> None:
         """``startup_seconds``: how long :meth:`start` retries an unreachable store
         (default: this process's ``tracking.startup_timeout_seconds``). A local sqlite
-        store that cannot be used raises :class:`TrackingUnavailable` here, at once."""
-        bound_http_retries()
+        store that cannot be used raises :class:`TrackingUnavailable` here, at once.
+        ``metrics_process``: metric batches are sent by a helper process
+        (:mod:`so8t_exp.tracking.sender_main`), off this process's GIL."""
+        bound_http_retries()  # (in os.environ: the sender process inherits them)
         self.uri = resolve_tracking_uri(uri)
         check_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -89,6 +96,7 @@ class Tracker:
         self._repos: dict[str, Any] = {}  # run id -> its artifact repository
         self.metrics: MetricBuffer | None = None
         self.lease: Lease | None = None  # set once this process has claimed the run
+        self._sender = LineWorker("so8t_exp.tracking.sender_main") if metrics_process else None
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
@@ -177,6 +185,15 @@ class Tracker:
                 if fenced
                 else "lease not confirmed (tracking server unreachable?)"
             )
+        if self._sender is not None:
+            rows = [[m.key, m.value, m.timestamp, m.step] for m in batch]
+            job = {"uri": self.uri, "run_id": self.run_id, "metrics": rows, "tags": dict(tags)}
+            try:
+                self._sender.call(job)  # (WorkerFailed: the buffer keeps the points)
+                return
+            except WorkerUnavailable as err:
+                log.warning("%s; metrics are sent from this process from now on", err)
+                self._sender = None
         self.client.log_batch(
             self.run_id, metrics=batch, tags=[RunTag(k, v) for k, v in tags.items()]
         )
@@ -322,6 +339,7 @@ class Tracker:
             self.metrics.close()
             if self.metrics.dropped_on_close:
                 log.error("%d metric points could not be sent", self.metrics.dropped_on_close)
+        self.close_sender()
         assert status in ("FINISHED", "FAILED", "KILLED")
         deadline = time.monotonic() + retry_seconds
         while not self._write("end run", self.client.set_terminated, self.run_id, status):
@@ -330,6 +348,11 @@ class Tracker:
                 return False
             time.sleep(2.0)
         return True
+
+    def close_sender(self) -> None:
+        """End the metric sender process, if one runs (a later batch starts it again)."""
+        if self._sender is not None:
+            self._sender.close()
 
     @staticmethod
     def safely(what: str, fn: Callable, *args, **kwargs) -> bool:
