@@ -32,7 +32,8 @@ CLOSE_TIMEOUT_SECONDS = 10.0
 
 
 class WorkerUnavailable(RuntimeError):
-    """The helper process could not be started: do the work in this process instead."""
+    """The helper process could not be started, or ended before answering its first job
+    (a broken install, say): do the work in this process instead."""
 
 
 class WorkerFailed(RuntimeError):
@@ -43,6 +44,7 @@ class LineWorker:
     def __init__(self, module: str, *args: str) -> None:
         self.cmd = [sys.executable, "-m", module, *args]
         self._proc: subprocess.Popen | None = None
+        self._answered = 0  # jobs the running process answered
         self._lock = threading.Lock()
 
     @property
@@ -61,8 +63,10 @@ class LineWorker:
                 self._send(line)
             answer = self._proc.stdout.readline()
             if not answer:
-                code = self._reap()
-                raise WorkerFailed(f"{self.cmd[2]} ended (exit code {code})")
+                answered, code = self._answered, self._reap()
+                why = f"{self.cmd[2]} ended (exit code {code})"
+                raise WorkerFailed(why) if answered else WorkerUnavailable(why)
+            self._answered += 1
         reply = json.loads(answer)
         if not reply.get("ok"):
             raise WorkerFailed(reply.get("error", "failed"))
@@ -76,6 +80,7 @@ class LineWorker:
     def _running(self) -> subprocess.Popen:
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
+        self._answered = 0
         try:
             self._proc = subprocess.Popen(
                 self.cmd,

@@ -218,3 +218,20 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_a_writer_that_cannot_run_leaves_the_saving_to_a_thread(tmp_path):
+    """A helper that dies before its first answer (a broken install) is not retried at
+    every save: that save and the rest are written by a thread."""
+    saved, failed = [], []
+    ckpt = _checkpointer(tmp_path, saved, failed)
+    ckpt.writer.cmd = [sys.executable, "-c", "import sys; sys.exit(3)"]
+    try:
+        payload = _capture(ckpt.buffers)
+        ckpt.save("rolling", 1, payload, wait=True)
+        assert ckpt.writer is None
+        ckpt.save("rolling", 2, payload, wait=True)
+    finally:
+        ckpt.close()
+    assert saved == ["rolling-step00000001", "rolling-step00000002"] and not failed
+    assert fmt.verify(tmp_path / "rolling-step00000001") is None
