@@ -235,3 +235,24 @@ def test_a_writer_that_cannot_run_leaves_the_saving_to_a_thread(tmp_path):
         ckpt.close()
     assert saved == ["rolling-step00000001", "rolling-step00000002"] and not failed
     assert fmt.verify(tmp_path / "rolling-step00000001") is None
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="no /dev/shm to look into")
+def test_arenas_of_trainers_killed_with_their_resource_tracker_are_freed():
+    """A SIGKILL to the whole process group takes Python's resource tracker along: the next
+    trainer to make an arena frees the dead one's."""
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], text=True, capture_output=True
+    ).stdout.strip()
+    leftover = Path("/dev/shm") / f"so8t-{gone}-deadbeef"
+    mine = Path("/dev/shm") / f"so8t-{os.getpid()}-0badcafe"  # (alive: not touched)
+    leftover.write_bytes(b"x" * 4096)
+    mine.write_bytes(b"x")
+    buffers = arena.Arena()
+    try:
+        assert buffers.fill({"w": {"x": torch.ones(3)}})[1] is not None
+        assert not leftover.exists() and mine.exists()
+    finally:
+        buffers.close()
+        mine.unlink()
+        leftover.unlink(missing_ok=True)

@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
+import psutil
 import torch
 
 from so8t_exp.checkpoint.format import dtype_code
@@ -104,6 +106,7 @@ class Arena(HostBuffers):
                 )
                 self._short_warned = True
             return False
+        remove_leftovers()
         try:
             self._shm = shared_memory.SharedMemory(
                 name=f"so8t-{os.getpid()}-{secrets.token_hex(4)}", create=True, size=size
@@ -128,6 +131,25 @@ class Arena(HostBuffers):
             shm.close()
         with contextlib.suppress(OSError):
             shm.unlink()
+
+
+_LEFTOVER = re.compile(r"^so8t-(\d+)-[0-9a-f]{8}$")
+
+
+def remove_leftovers() -> None:
+    """Free the arenas of trainers that are gone. Python's resource tracker frees a killed
+    trainer's arena, but not when it was killed with it (a SIGKILL to the whole process
+    group: systemd's final kill, ``kill -9 -PGID``); on Linux the block would hold its
+    memory in ``/dev/shm`` until the next boot. (Windows frees it with its last handle.)"""
+    folder = "/dev/shm"
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        m = _LEFTOVER.match(name)
+        if m and not psutil.pid_exists(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                log.info("freed shared memory %s, left by a killed trainer", name)
 
 
 def _key(s: Slot) -> tuple:
