@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import secrets
@@ -42,14 +43,18 @@ class Slot:
     nbytes: int
 
 
-def layout(groups: dict[str, dict[str, torch.Tensor]]) -> tuple[list[Slot], int]:
-    """Where each tensor goes in the arena, and its size in bytes."""
+def signature(groups: dict[str, dict[str, torch.Tensor]]) -> list[tuple]:
+    """What decides the layout: each tensor's group, name, dtype and shape, in order."""
+    return [(g, n, t.dtype, tuple(t.shape)) for g, ts in groups.items() for n, t in ts.items()]
+
+
+def layout(sig: list[tuple]) -> tuple[list[Slot], int]:
+    """Where each tensor of ``sig`` goes in the arena, and the arena's size in bytes."""
     slots, offset = [], 0
-    for group, tensors in groups.items():
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            slots.append(Slot(group, name, t.dtype, tuple(t.shape), offset, nbytes))
-            offset += -(-nbytes // ALIGN) * ALIGN
+    for group, name, dtype, shape in sig:
+        nbytes = math.prod(shape) * dtype.itemsize
+        slots.append(Slot(group, name, dtype, shape, offset, nbytes))
+        offset += -(-nbytes // ALIGN) * ALIGN
     return slots, max(offset, 1)
 
 
@@ -68,35 +73,27 @@ class Arena(HostBuffers):
     def __init__(self) -> None:
         super().__init__()
         self._shm: shared_memory.SharedMemory | None = None
-        self._slots: list[Slot] = []
+        self._signature: list[tuple] = []
         self._views: dict[tuple[str, str], torch.Tensor] = {}
+        self._described: dict | None = None  # (the same while the layout is)
         self._short_warned = False
 
     def fill(self, groups: dict[str, dict[str, torch.Tensor]]) -> tuple[dict, dict | None]:
-        slots, size = layout(groups)
-        if not self._ensure(slots, size):
+        if not self._ensure(signature(groups)):
             return super().fill(groups)
-        out: dict[str, dict[str, torch.Tensor]] = {g: {} for g in groups}
-        for slot in slots:
-            view = self._views[(slot.group, slot.name)]
-            out[slot.group][slot.name] = view.copy_(groups[slot.group][slot.name].detach())
-        return out, self.describe()
+        out = {
+            g: {n: self._views[(g, n)].copy_(t.detach()) for n, t in ts.items()}
+            for g, ts in groups.items()
+        }
+        return out, self._described
 
-    def describe(self) -> dict:
-        """What the writer process needs to find each tensor (JSON)."""
-        assert self._shm is not None
-        groups: dict[str, list] = {}
-        for s in self._slots:
-            entry = [s.name, dtype_code(s.dtype), list(s.shape), s.offset, s.nbytes]
-            groups.setdefault(s.group, []).append(entry)
-        return {"arena": self._shm.name, "size": self._shm.size, "groups": groups}
-
-    def _ensure(self, slots: list[Slot], size: int) -> bool:
-        """The arena laid out for ``slots``: the current one, or a new one (False: no
-        shared memory to be had; the caller copies into plain buffers)."""
-        if self._shm is not None and [_key(s) for s in slots] == [_key(s) for s in self._slots]:
+    def _ensure(self, sig: list[tuple]) -> bool:
+        """The arena laid out for ``sig``: the current one, or a new one (False: no shared
+        memory to be had; the caller copies into plain buffers)."""
+        if self._shm is not None and sig == self._signature:
             return True
         self.close()
+        slots, size = layout(sig)
         if not shm_room(size):
             if not self._short_warned:
                 log.warning(
@@ -114,16 +111,21 @@ class Arena(HostBuffers):
         except OSError as err:
             log.warning("checkpoints: no shared memory (%s); writing from a thread", err)
             return False
-        self._slots = slots
+        self._signature = sig
+        groups: dict[str, list] = {}
         for s in slots:
             self._views[(s.group, s.name)] = _view(self._shm, s)
+            entry = [s.name, dtype_code(s.dtype), list(s.shape), s.offset, s.nbytes]
+            groups.setdefault(s.group, []).append(entry)
+        # What the writer process needs to find each tensor (JSON).
+        self._described = {"arena": self._shm.name, "groups": groups}
         return True
 
     def close(self) -> None:
         """Free the arena (after the last write that reads it)."""
         shm, self._shm = self._shm, None
         self._views.clear()
-        self._slots = []
+        self._signature, self._described = [], None
         if shm is None:
             return
         # (BufferError: a payload still refers to it; the mapping goes with that payload)
@@ -150,10 +152,6 @@ def remove_leftovers() -> None:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, name))
                 log.info("freed shared memory %s, left by a killed trainer", name)
-
-
-def _key(s: Slot) -> tuple:
-    return (s.group, s.name, s.dtype, s.shape)
 
 
 def _view(shm: shared_memory.SharedMemory, s: Slot) -> torch.Tensor:

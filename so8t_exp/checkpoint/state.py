@@ -38,8 +38,9 @@ class RNGState:
             torch.cuda.set_rng_state_all(self.torch_cuda)
 
     def to_payload(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {"torch_cpu": self.torch_cpu.clone()}
-        tensors.update({f"torch_cuda/{i}": s.clone() for i, s in enumerate(self.torch_cuda)})
+        # (not cloned: capture copies every tensor into its host buffers)
+        tensors = {"torch_cpu": self.torch_cpu}
+        tensors.update({f"torch_cuda/{i}": s for i, s in enumerate(self.torch_cuda)})
         kind, keys, pos, has_gauss, gauss = self.numpy
         doc = {
             "python": [self.python[0], list(self.python[1]), self.python[2]],
