@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -89,3 +90,41 @@ def median_step(ends: Sequence[float]) -> float:
 def log(msg: str) -> None:
     """Progress lines go to stderr; stdout holds the table and the final JSON line."""
     print(msg, file=sys.stderr, flush=True)
+
+
+class OtherLoad:
+    """CPU the rest of the machine used meanwhile (in cores: all busy time, steal included,
+    minus this process and its children), to read the figures against: the machine is
+    shared."""
+
+    def __enter__(self) -> OtherLoad:
+        self._t, self._sys, self._own = time.monotonic(), _busy(), _own()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        elapsed = time.monotonic() - self._t
+        self.cores = max(0.0, (_busy() - self._sys) - (_own() - self._own)) / elapsed
+
+
+def _busy() -> float:
+    t = psutil.cpu_times()
+    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
+
+
+def _own() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def rotated_rounds(kinds: Sequence[str], rounds: int, budget_s: float):
+    """``(i, kinds in this round's order)`` for up to ``rounds`` rounds, the order rotated
+    each round (a, b, c; b, c, a; ...) so drift and position hit all alike; a round starts
+    only while the previous one's duration still fits in ``budget_s``."""
+    started = last = time.monotonic()
+    for i in range(rounds):
+        now = time.monotonic()
+        if i and now - started + (now - last) > budget_s:
+            return
+        last = now
+        k = i % len(kinds)
+        yield i, [*kinds[k:], *kinds[:k]]

@@ -46,23 +46,25 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 from _common import (
+    OtherLoad,
     compose_train,
     log,
     median,
     new_store,
     quiet,
+    rotated_rounds,
     steps_per_second,
     subprocess_env,
 )
 from mlflow.tracking import MlflowClient
+
+from so8t_exp.launcher import train_command
 
 KINDS = ("solo", "ddp", "solo_all")
 THREADS = {"solo": 1, "ddp": 1, "solo_all": 2}  # torch intra-op threads per process
@@ -106,21 +108,10 @@ def overrides(store: str, run_dir: Path, steps: int, micro_batch: int) -> list[s
 
 
 def command(kind: str, store: str, run_dir: Path, steps: int, per_rank: int) -> list[str]:
+    """What the launcher would run: under torchrun with two ranks, or one process."""
     if kind == "ddp":
-        head = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        head += ["--nproc-per-node=2", "-m", "so8t_exp.train"]
-        return head + overrides(store, run_dir, steps, per_rank)
-    return [sys.executable, "-m", "so8t_exp.train", *overrides(store, run_dir, steps, 2 * per_rank)]
-
-
-def _busy() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def _own() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
+        return train_command(overrides(store, run_dir, steps, per_rank), world_size=2)
+    return train_command(overrides(store, run_dir, steps, 2 * per_rank))
 
 
 def one(kind: str, root: Path, store: str, i: int, steps: int, per_rank: int):
@@ -130,9 +121,8 @@ def one(kind: str, root: Path, store: str, i: int, steps: int, per_rank: int):
     env = {**subprocess_env(root), "OMP_NUM_THREADS": str(THREADS[kind])}
     env.pop("MKL_NUM_THREADS", None)
     out = root / f"{kind}-{i}.log"
-    busy, own = _busy(), _own()
     started = time.monotonic()
-    with out.open("w") as fh:
+    with OtherLoad() as load, out.open("w") as fh:
         proc = subprocess.run(
             command(kind, store, run_dir, steps, per_rank),
             cwd=root,
@@ -141,8 +131,7 @@ def one(kind: str, root: Path, store: str, i: int, steps: int, per_rank: int):
             stderr=subprocess.STDOUT,
             timeout=600,
         )
-    wall = time.monotonic() - started
-    other = max(0.0, (_busy() - busy) - (_own() - own)) / wall
+    wall, other = time.monotonic() - started, load.cores
     if proc.returncode != 0:
         tail = "\n".join(out.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{kind} run exited {proc.returncode}:\n{tail}")
@@ -188,14 +177,9 @@ def run(
     """Up to ``rounds`` rounds of the three runs, order rotated each round; a round is only
     started if the previous one's duration still fits in ``budget_s``."""
     res = Results(per_rank, steps)
-    started = last = time.monotonic()
-    for i in range(rounds):
-        now = time.monotonic()
-        if i and now - started + (now - last) > budget_s:
-            break
-        last = now
+    for i, order in rotated_rounds(KINDS, rounds, budget_s):
         res.rounds.append({})
-        for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
+        for kind in order:
             sps, wall, losses, other = one(kind, root, store, i, steps, per_rank)
             res.sps[kind].append(sps)
             res.wall[kind].append(wall)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from _common import compose_train, log, median, median_step, steps_per_second
+from _common import compose_train, log, median, median_step, rotated_rounds, steps_per_second
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -306,14 +306,9 @@ def run(
         "ours": lambda i: _ours(work, root / f"ours-{i}", res),
         "hf": lambda i: hf_loop(work, root / f"hf-{i}"),
     }
-    started = last = time.monotonic()
-    for i in range(rounds):
-        now = time.monotonic()
-        if i and now - started + (now - last) > budget_s:
-            break
-        last = now
+    for i, order in rotated_rounds(KINDS, rounds, budget_s):
         res.rounds.append({})
-        for kind in KINDS[i % 3 :] + KINDS[: i % 3]:
+        for kind in order:
             gc.collect()
             res.add(kind, loops[kind](i), steps)
             rates = " ".join(f"{x:5.2f}" for x in res.sps[kind][-windows:])

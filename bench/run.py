@@ -68,9 +68,8 @@ import _ddp_scaling
 import _launcher_scale
 import _overhead
 import _resume
-import psutil
 import torch
-from _common import log, machine, median, new_store, quiet
+from _common import OtherLoad, log, machine, median, new_store, quiet
 from checkpoint_stall import blocked_save, build, sync_save
 
 from so8t_exp.checkpoint import Checkpointer
@@ -95,30 +94,6 @@ PLANS = {
     "quick": Plan(20, 3, 4, 110.0, (384, 8), 3, 250.0, 3),
     "full": Plan(40, 4, 8, 360.0, (768, 12), 5, 1200.0, 5, ddp=_ddp_scaling.FULL),
 }
-
-
-class OtherLoad:
-    """CPU the rest of the machine used meanwhile (in cores: all busy time, steal included,
-    minus this process and its children), to read the figures against: the machine is
-    shared."""
-
-    def __enter__(self) -> OtherLoad:
-        self._t, self._sys, self._own = time.monotonic(), _busy(), _own()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        elapsed = time.monotonic() - self._t
-        self.cores = max(0.0, (_busy() - self._sys) - (_own() - self._own)) / elapsed
-
-
-def _busy() -> float:
-    t = psutil.cpu_times()
-    return sum(t) - t.idle - getattr(t, "iowait", 0.0)
-
-
-def _own() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system + t.children_user + t.children_system
 
 
 # -- the benchmarks ----------------------------------------------------------------------
