@@ -171,12 +171,21 @@ def test_session_folder_deleted_resumes_from_mlflow(tmp_path, store):
 def test_checkpoints_travel_through_a_real_tracking_server(tmp_path, mlflow_server):
     """Against ``mlflow server`` (artifacts proxied over HTTP): the mirror uploads and
     prunes there, and a run whose session folder is gone resumes from the server's copy."""
-    run_dir = killed_run(tmp_path, mlflow_server, at_step=12)
+    run_dir = tmp_path / "run"
+    proc = start_train(tmp_path, mlflow_server, run_dir, *OVERRIDES)
+    client = MlflowClient(mlflow_server)
+
+    def mirrored_past_step_12() -> bool:
+        info = session_info(run_dir)
+        if info.get("current_step", 0) < 12:
+            return False
+        # the tag is sent as soon as the upload ends: the server has a copy to resume from
+        return bool(client.get_run(info["session_id"]).data.tags.get("so8t.checkpoint.latest"))
+
+    wait_for(mirrored_past_step_12, proc=proc, what="a mirrored checkpoint")
+    proc.kill()
+    proc.wait(60)
     run_id = session_info(run_dir)["session_id"]
-    client, _ = only_run(mlflow_server)
-    wait_for(
-        lambda: client.get_run(run_id).data.tags.get("so8t.checkpoint.latest"), what="a mirror"
-    )
     remote = [f.path for f in client.list_artifacts(run_id, "checkpoints")]
     assert 1 <= len(remote) <= 5, remote  # checkpoint.keep=5 applies to the copy too
     shutil.rmtree(run_dir)

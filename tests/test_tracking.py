@@ -12,6 +12,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
 from so8t_exp.tracking import MetricBuffer, Tracker, flatten, mask_secrets
+from tests.conftest import wait_for
 
 
 def test_flatten_and_mask_secrets():
@@ -62,18 +63,32 @@ def test_metric_buffer_drops_steps_already_logged_and_retries_failures():
     buf.add({"train/loss": 1.0, "eval/loss": 2.0}, step=5)  # loss step 5 already logged
     buf.add({"train/loss": 0.9}, step=6)
     buf.add({"train/loss": 0.8}, step=6)  # same step twice: kept once
-    buf.add_tags({"so8t.checkpoint.latest_step": 4})
+    buf.add_tags({"so8t.checkpoint.latest_step": 4}, now=False)
     assert buf.flush() is False and sent == []  # outage: nothing lost, tags neither
-    buf.add_tags({"so8t.checkpoint.latest_step": 8, "skipped": None})  # newer value wins
+    buf.add_tags({"so8t.checkpoint.latest_step": 8, "skipped": None}, now=False)  # newer wins
     assert buf.flush() is True
     assert sent_tags == [{"so8t.checkpoint.latest_step": "8"}]  # with the batch, once
-    buf.add_tags({"so8t.checkpoint.latest": "x"})
+    buf.add_tags({"so8t.checkpoint.latest": "x"}, now=False)
     assert buf.flush() is True and sent_tags[-1] == {"so8t.checkpoint.latest": "x"}
     buf.close()
     assert sorted((m.key, m.step, m.value) for m in sent) == [
         ("eval/loss", 5, 2.0),
         ("train/loss", 6, 0.9),
     ]
+
+
+def test_checkpoint_tags_do_not_wait_for_the_timer():
+    """A trainer killed within the flush interval must not leave a mirrored checkpoint's tags
+    unsent: they go at once, with the points pending, in one call."""
+    calls: list[tuple[list, dict]] = []
+    buf = MetricBuffer(lambda batch, tags: calls.append((batch, dict(tags))), interval=3600)
+    buf.add({"train/loss": 0.5}, step=1)
+    buf.add_tags({"so8t.checkpoint.latest": "rolling-step00000004"})
+    wait_for(lambda: calls, timeout=10, what="the tags sent without a flush")
+    [(batch, tags)] = calls
+    assert [m.key for m in batch] == ["train/loss"]
+    assert tags == {"so8t.checkpoint.latest": "rolling-step00000004"}
+    buf.close()
 
 
 def test_tracker_run_lifecycle_and_reattach(tmp_path: Path, store: str):

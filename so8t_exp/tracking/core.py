@@ -240,8 +240,8 @@ class Tracker:
 
     def checkpoint_mirrored(self, name: str, step: int) -> None:
         """The newest checkpoint in MLflow, as tags (raw epoch for launchers, ISO for people),
-        sent with the next metric batch (within ``tracking.flush_interval_seconds``; the
-        run's end flushes them): the checkpoint listing itself is what resuming trusts."""
+        sent at once with the metric points pending (one call): the checkpoint listing
+        itself is what resuming trusts."""
         now = time.time()
         tags = {
             "so8t.checkpoint.latest": name,

@@ -67,9 +67,8 @@ class MetricBuffer:
 
     A point whose step is not above the last step already logged for its key is dropped:
     after a resume, recomputed steps are not logged twice. Points survive send failures.
-    Tags that need not reach the store at once (:meth:`add_tags`) ride along with the next
-    batch: one MLflow call instead of two, and MLflow's Python work is what the training
-    thread waits for (the GIL).
+    Tags (:meth:`add_tags`) ride along with a batch: one MLflow call instead of two, and
+    MLflow's Python work is what the training thread waits for (the GIL).
     """
 
     def __init__(
@@ -100,10 +99,15 @@ class MetricBuffer:
                 self._last[key] = step
                 self._pending.append(Metric(key, float(value), now, step))
 
-    def add_tags(self, tags: Mapping[str, object]) -> None:
-        """Tags sent with the next batch (a later value of a key replaces an earlier one)."""
+    def add_tags(self, tags: Mapping[str, object], now: bool = True) -> None:
+        """Tags sent with a batch (a later value of a key replaces an earlier one): at once,
+        with the points pending, or with the next timed batch if not ``now``. A checkpoint's
+        tags must not wait for the timer: a trainer killed within the interval would leave
+        them unsent, and the run page naming an older checkpoint than the store holds."""
         with self._lock:
             self._tags.update({k: str(v) for k, v in tags.items() if v is not None})
+        if now:
+            self._wake.set()
 
     def unsent(self) -> list[list]:
         """Points not yet confirmed by the store (in flight or pending), as JSON-able rows
