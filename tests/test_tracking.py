@@ -8,6 +8,7 @@ import signal
 import threading
 from pathlib import Path
 
+import pytest
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
@@ -172,3 +173,29 @@ def test_metric_batches_sent_by_the_sender_process_survive_its_death(store: str)
     loss = [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")]
     assert sorted(loss) == [(1, 1.0), (2, 0.5), (3, 0.25)]
     assert client.get_run(run_id).info.status == "FINISHED"
+
+
+def test_a_tag_written_by_two_processes_at_once_is_retried_as_an_update(store: str):
+    """The race itself (two launchers' read-then-insert on one sqlite store) cannot be timed
+    here on demand; the client below lets the real store's first insert collide once, as the
+    slower writer's does, and the real store then takes the retry."""
+    from mlflow.exceptions import MlflowException
+
+    from so8t_exp.tracking.runs import set_tag_racing
+
+    real = MlflowClient(store)
+    run_id = real.create_run(real.create_experiment("race")).info.run_id
+    calls = []
+
+    class Colliding(MlflowClient):
+        def set_tag(self, run_id, key, value, **kw):
+            calls.append(key)
+            if len(calls) == 1:
+                real.set_tag(run_id, key, "other launcher")  # the faster writer's row
+                raise MlflowException("UNIQUE constraint failed: tags.key, tags.run_uuid")
+            return super().set_tag(run_id, key, value, **kw)
+
+    set_tag_racing(Colliding(store), run_id, "so8t.sweep.resumed", "2")
+    assert real.get_run(run_id).data.tags["so8t.sweep.resumed"] == "2" and len(calls) == 2
+    with pytest.raises(MlflowException, match="RESOURCE|not found|Run"):
+        set_tag_racing(real, "0" * 32, "k", "v")  # any other error is not swallowed

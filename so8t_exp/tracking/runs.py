@@ -16,6 +16,24 @@ from so8t_exp.tracking.claims import Claim, claim_run
 from so8t_exp.tracking.core import HEARTBEAT_TAG, iso, resolve_tracking_uri
 from so8t_exp.tracking.sweep import is_parent, is_study_sweep
 
+
+def set_tag_racing(client: MlflowClient, run_id: str, key: str, value: str) -> None:
+    """``set_tag`` that survives another process writing the same new tag at the same moment:
+    MLflow's SQL store reads, then inserts, so the slower of two first writers hits the
+    unique key (seen with two launchers on one sqlite store). Once the row exists, the
+    retry is an update."""
+    for attempt in range(3):
+        try:
+            client.set_tag(run_id, key, value)
+            return
+        except Exception as err:
+            if "UNIQUE constraint" not in str(err) and "unique constraint" not in str(err):
+                raise
+            if attempt == 2:
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 log = logging.getLogger(__name__)
 
 # Tags the launcher keeps on a run (the trainer writes heartbeat/step/checkpoint ones).
@@ -124,7 +142,7 @@ class RunRegistry:
 
     def set_tags(self, run_id: str, tags: dict) -> None:
         for key, value in tags.items():
-            self.client.set_tag(run_id, key, str(value))
+            set_tag_racing(self.client, run_id, key, str(value))
 
     def claim(self, run_id: str, claimant: str, after: int) -> Claim | None:
         """Claim the run for ``claimant`` as claim ``after + 1`` (see :mod:`.claims`): the
