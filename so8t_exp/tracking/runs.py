@@ -24,12 +24,9 @@ def set_tag_racing(client: MlflowClient, run_id: str, key: str, value: str) -> N
     retry is an update."""
     for attempt in range(3):
         try:
-            client.set_tag(run_id, key, value)
-            return
+            return client.set_tag(run_id, key, value)
         except Exception as err:
-            if "UNIQUE constraint" not in str(err) and "unique constraint" not in str(err):
-                raise
-            if attempt == 2:
+            if attempt == 2 or "unique constraint" not in str(err).lower():
                 raise
             time.sleep(0.05 * (attempt + 1))
 
