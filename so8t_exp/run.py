@@ -24,7 +24,7 @@ from so8t_exp.cli_errors import EXIT_FAILED, EXIT_PEER_LOST
 from so8t_exp.config import validate
 from so8t_exp.continuation import continuation, known_run
 from so8t_exp.distributed import team
-from so8t_exp.distributed.world import check_world_size, is_peer_failure
+from so8t_exp.distributed.world import check_world_size, peer_lost
 from so8t_exp.evaluations import Evaluations
 from so8t_exp.fingerprint import config_fingerprint
 from so8t_exp.lock import SessionLock
@@ -276,9 +276,10 @@ class TrainingRun(RunEnd):
             self.tracker.log_metrics(err.metrics, self.trainer.progress.step)
             return self._stopped(stop, "failed", "FAILED", 1, reason=str(err))
         except BaseException as err:
-            if self.team.world.distributed and is_peer_failure(err):
-                log.error("%s", err)
-                return self._stopped(stop, "interrupted", "KILLED", EXIT_PEER_LOST, str(err))
+            lost = peer_lost(err) if self.team.world.distributed else None
+            if lost is not None:
+                log.error("%s", lost)
+                return self._stopped(stop, "interrupted", "KILLED", EXIT_PEER_LOST, str(lost))
             log.exception("training failed")
             self._stopped(stop, "failed", "FAILED", 1)
             raise

@@ -19,7 +19,7 @@ from so8t_exp import build, data
 from so8t_exp.cli_errors import EXIT_FAILED, EXIT_PEER_LOST
 from so8t_exp.distributed import team
 from so8t_exp.distributed import world as w
-from so8t_exp.distributed.world import PeerLost, World
+from so8t_exp.distributed.world import World
 from so8t_exp.signals import StopRequest
 from so8t_exp.trainer import TrainingDiverged
 
@@ -39,12 +39,13 @@ def follow(world: World) -> int:
             if "exit" in start:  # nothing to train (done, refused, failed at the start)
                 return start["exit"]
             return _train(world, start, stop)
-    except PeerLost as err:
-        log.error("%s", err)
+    except Exception as err:
+        lost = w.peer_lost(err)
+        if lost is None:
+            log.exception("rank %d failed", world.rank)
+            return EXIT_FAILED
+        log.error("%s", lost)
         return EXIT_PEER_LOST
-    except Exception:
-        log.exception("rank %d failed", world.rank)
-        return EXIT_FAILED
     finally:
         w.leave()
 

@@ -23,6 +23,9 @@ T = TypeVar("T")
 JOIN_TIMEOUT_SECONDS = 1800.0
 
 
+_GONE = "another process of the run is gone or stuck"
+
+
 class PeerLost(RuntimeError):
     """Another rank of the run ended, or did not answer within the timeout."""
 
@@ -94,18 +97,22 @@ def collective(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     try:
         return fn(*args, **kwargs)
     except RuntimeError as err:  # gloo and NCCL report a lost peer as RuntimeError
-        raise PeerLost(f"{what}: another process of the run is gone or stuck ({err})") from err
+        raise PeerLost(f"{what}: {_GONE} ({err})") from err
 
 
-def is_peer_failure(err: BaseException) -> bool:
-    """A collective inside the step (DDP's gradient all-reduce) failed because of a peer."""
+def peer_lost(err: BaseException) -> PeerLost | None:
+    """``err`` as a :class:`PeerLost` when another rank caused it, else None. DDP's gradient
+    all-reduce runs inside ``backward()``, outside :func:`collective`: gloo and NCCL raise
+    their own RuntimeError there, which gets the same clear message here."""
     if isinstance(err, PeerLost):
-        return True
+        return err
     text = str(err)
-    return isinstance(err, RuntimeError) and any(
+    if isinstance(err, RuntimeError) and any(
         s in text
         for s in ("Connection reset", "Connection closed", "Timed out", "timed out", "gloo", "NCCL")
-    )
+    ):
+        return PeerLost(f"exchanging gradients: {_GONE} ({err})")
+    return None
 
 
 def check_world_size(restored: tuple | None, size: int) -> None:
