@@ -181,7 +181,7 @@ def test_a_tag_written_by_two_processes_at_once_is_retried_as_an_update(store: s
     slower writer's does, and the real store then takes the retry."""
     from mlflow.exceptions import MlflowException
 
-    from so8t_exp.tracking.runs import set_tag_racing
+    from so8t_exp.tracking.errors import set_tag_racing
 
     real = MlflowClient(store)
     run_id = real.create_run(real.create_experiment("race")).info.run_id

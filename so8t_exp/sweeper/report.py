@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 from so8t_exp.session import Session
 from so8t_exp.tracking import resolve_tracking_uri
 from so8t_exp.tracking.core import HEARTBEAT_TAG, Tracker
+from so8t_exp.tracking.errors import set_tag_racing
 from so8t_exp.tracking.sweep import (
     BEST_PARAMS,
     BEST_TRIAL,
@@ -57,7 +58,7 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
         if run is None:
             return None
         # (the accepted n_trials: the callback tagged the command line's before it was)
-        tracker.client.set_tag(run.info.run_id, N_TRIALS, str(sweeper.n_trials))
+        set_tag_racing(tracker.client, run.info.run_id, N_TRIALS, str(sweeper.n_trials))
         _progress(tracker.client, run.info.run_id, study)
         return Parent(uri, run.info.run_id, run.info.run_name or "")
     except Exception as err:  # (the study is the record; MLflow is the view)
@@ -68,8 +69,9 @@ def start(sweeper, sweep_dir: Path, study: optuna.Study) -> Parent | None:
 def _progress(client, run_id: str, study: optuna.Study) -> None:
     """The finished trials' count, and a heartbeat: a sweep between trials (or whose trial
     has no run yet) is still alive to the launcher's ``resume.max_age_hours``."""
-    client.set_tag(run_id, TRIALS_DONE, str(len(finished(study))))
-    client.set_tag(run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
+    # (parallel workers of one sweep write these at once: the first writes race)
+    set_tag_racing(client, run_id, TRIALS_DONE, str(len(finished(study))))
+    set_tag_racing(client, run_id, HEARTBEAT_TAG, f"{time.time():.3f}")
 
 
 def give_up(parent: Parent | None, why: str) -> None:
@@ -177,8 +179,8 @@ def _log_best(client, run_id: str, study: optuna.Study) -> None:
         best = study.best_trial
     except ValueError:  # no COMPLETE trial yet
         return
-    client.set_tag(run_id, BEST_TRIAL, str(best.number))
-    client.set_tag(run_id, BEST_PARAMS, json.dumps(best.params))
+    set_tag_racing(client, run_id, BEST_TRIAL, str(best.number))
+    set_tag_racing(client, run_id, BEST_PARAMS, json.dumps(best.params))
     client.log_metric(run_id, BEST_VALUE_METRIC, float(best.value), step=best.number)
 
 

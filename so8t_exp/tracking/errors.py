@@ -3,7 +3,8 @@ unreachable (worth retrying), refused or unusable (not), a run it does not have.
 
 Also the bound on MLflow's own HTTP retries: without it one MLflow call may retry for
 minutes, so a write started while this process still owned a run could land long after
-another process took the run over (the resume launcher's claims rely on the bound).
+another process took the run over (the resume launcher's claims rely on the bound). And
+the one write error that two processes cause each other (:func:`set_tag_racing`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import re
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
@@ -144,3 +146,17 @@ def _check_sqlite_file(db: Path, where: str) -> None:
         raise TrackingUnavailable(f"{where}: cannot open {db}: {err}") from err
     except sqlite3.DatabaseError as err:
         raise TrackingUnavailable(f"{where}: {db} is not an sqlite database ({err})") from err
+
+
+def set_tag_racing(client, run_id: str, key: str, value: str) -> None:
+    """``set_tag`` that survives another process writing the same new tag at the same moment:
+    MLflow's SQL store reads, then inserts, so the slower of two first writers hits the
+    unique key (seen with two launchers, or two workers of a sweep, on one sqlite store).
+    Once the row exists, the retry is an update."""
+    for attempt in range(3):
+        try:
+            return client.set_tag(run_id, key, value)
+        except Exception as err:
+            if attempt == 2 or "unique constraint" not in str(err).lower():
+                raise
+            time.sleep(0.05 * (attempt + 1))

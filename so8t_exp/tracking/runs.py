@@ -14,22 +14,8 @@ from mlflow.tracking import MlflowClient
 
 from so8t_exp.tracking.claims import Claim, claim_run
 from so8t_exp.tracking.core import HEARTBEAT_TAG, iso, resolve_tracking_uri
+from so8t_exp.tracking.errors import set_tag_racing
 from so8t_exp.tracking.sweep import is_parent, is_study_sweep
-
-
-def set_tag_racing(client: MlflowClient, run_id: str, key: str, value: str) -> None:
-    """``set_tag`` that survives another process writing the same new tag at the same moment:
-    MLflow's SQL store reads, then inserts, so the slower of two first writers hits the
-    unique key (seen with two launchers on one sqlite store). Once the row exists, the
-    retry is an update."""
-    for attempt in range(3):
-        try:
-            return client.set_tag(run_id, key, value)
-        except Exception as err:
-            if attempt == 2 or "unique constraint" not in str(err).lower():
-                raise
-            time.sleep(0.05 * (attempt + 1))
-
 
 log = logging.getLogger(__name__)
 
