@@ -100,19 +100,21 @@ def collective(what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise PeerLost(f"{what}: {_GONE} ({err})") from err
 
 
+# What gloo's and NCCL's own errors say when a peer is gone.
+_PEER_SIGNS = ("Connection reset", "Connection closed", "Timed out", "timed out", "gloo", "NCCL")
+
+
 def peer_lost(err: BaseException) -> PeerLost | None:
     """``err`` as a :class:`PeerLost` when another rank caused it, else None. DDP's gradient
     all-reduce runs inside ``backward()``, outside :func:`collective`: gloo and NCCL raise
-    their own RuntimeError there, which gets the same clear message here."""
+    their own RuntimeError there, which gets the same clear message here. Our own errors
+    (a tracking store that timed out, say) tell what they are: never taken for a lost peer."""
     if isinstance(err, PeerLost):
         return err
-    text = str(err)
-    if isinstance(err, RuntimeError) and any(
-        s in text
-        for s in ("Connection reset", "Connection closed", "Timed out", "timed out", "gloo", "NCCL")
-    ):
-        return PeerLost(f"exchanging gradients: {_GONE} ({err})")
-    return None
+    ours = type(err).__module__.startswith("so8t_exp.")
+    if ours or not isinstance(err, RuntimeError) or not any(s in str(err) for s in _PEER_SIGNS):
+        return None
+    return PeerLost(f"exchanging gradients: {_GONE} ({err})")
 
 
 def check_world_size(restored: tuple | None, size: int) -> None:
